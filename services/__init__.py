@@ -1,0 +1,1 @@
+"""disagg services: gateway, scheduler, prefill and decode workers, and the `disagg` CLI."""
