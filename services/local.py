@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from disagg.shared.engine import Engine, EngineConfig
 from disagg.shared.kv import BlockPool, KVCache, num_blocks_for_budget
 from disagg.shared.model.llama import Transformer

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-
 from disagg.shared.kv import BlockPool, KVCache
 from disagg.shared.model.batch import ForwardBatch
 from disagg.shared.model.llama import Transformer
@@ -117,7 +116,9 @@ class Engine:
         self.on_layer = on_layer
         self.eos_ids = frozenset(model.args.eos_token_ids)
         capacity = pool.num_blocks * pool.block_size
-        self.max_model_len = min(config.max_model_len or capacity, model.args.max_model_len, capacity)
+        self.max_model_len = min(
+            config.max_model_len or capacity, model.args.max_model_len, capacity
+        )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -139,7 +140,7 @@ class Engine:
         block_ids: list[int],
         params: SamplingParams,
     ) -> None:
-        """Join the batch with the prompt's K/V already in `block_ids` (written by a prefill worker).
+        """Join the batch with the prompt's K/V already in `block_ids` (from a prefill worker).
 
         The engine takes ownership of `block_ids` (the caller allocated them from this pool).
         """
@@ -169,7 +170,9 @@ class Engine:
                 f"this model's maximum context length is {self.max_model_len} tokens; "
                 f"the prompt has {len(prompt)} tokens and at least one must be generated"
             )
-        req = Request(request_id, list(prompt), params, self._arrivals, generator=params.make_generator())
+        req = Request(
+            request_id, list(prompt), params, self._arrivals, generator=params.make_generator()
+        )
         self._arrivals += 1
         self.requests[request_id] = req
         return req
@@ -271,7 +274,9 @@ class Engine:
             chunk = [req.token_at(p) for p in range(start, start + n)]
             prefills.append((chunk, start, req.block_table))
             completing.append(n == req.num_pending)
-        decodes = [(r.token_at(r.num_computed), r.num_computed, r.block_table) for r in plan.decodes]
+        decodes = [
+            (r.token_at(r.num_computed), r.num_computed, r.block_table) for r in plan.decodes
+        ]
         batch = ForwardBatch.build(prefills, decodes, bs, completing, device=self.kv_cache.device)
         done = [req for (req, _), c in zip(plan.chunks, completing) if c]
         hook = None

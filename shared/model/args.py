@@ -85,12 +85,14 @@ class ModelArgs:
     def from_hf_config(
         cls, config: dict[str, Any], *, source: str = "config.json", generation: dict | None = None
     ) -> ModelArgs:
-        """Build from a parsed HF config dict; raises CheckpointError naming `source` and the field."""
+        """Build from a parsed HF config dict; errors name `source` and the field."""
         get = _FieldReader(config, source)
         arch = get.str("model_type")
         if arch not in ARCHITECTURES:
             known = ", ".join(sorted(ARCHITECTURES))
-            raise CheckpointError(f"{source}: model_type {arch!r} is not supported (supported: {known})")
+            raise CheckpointError(
+                f"{source}: model_type {arch!r} is not supported (supported: {known})"
+            )
         qkv_bias, qk_norm = ARCHITECTURES[arch]
         if arch == "llama" and config.get("attention_bias"):
             qkv_bias = True
@@ -160,9 +162,10 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
 
 
 def _rope_args(config: dict[str, Any], source: str) -> RopeArgs:
-    # transformers 5 folds rope_theta and rope_scaling into `rope_parameters`; older configs split them.
-    params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
+    # transformers 5 folds rope_theta and rope_scaling into `rope_parameters`; older configs split
+    # them. Where both appear, `rope_scaling` wins, as in transformers.
+    params = dict(config.get("rope_parameters") or {})
+    params.update(config.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
@@ -180,9 +183,7 @@ def _rope_args(config: dict[str, Any], source: str) -> RopeArgs:
         factor=factor,
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", 8192)
-        ),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
     )
 
 

@@ -13,12 +13,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from disagg.kernels.paged_attention import paged_decode_attention
 from disagg.shared.kv import KVCache
 from disagg.shared.model.args import ModelArgs, RopeArgs
 from disagg.shared.model.batch import ForwardBatch, PrefillSegment
+from torch import nn
 
 LayerHook = Callable[[int], None]
 
@@ -157,7 +156,11 @@ class Attention(nn.Module):
 
 
 def _write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
 ) -> None:
     heads, dim = k_cache.shape[-2:]
     k_cache.view(-1, heads, dim).index_copy_(0, slots, k.to(k_cache.dtype))
@@ -203,9 +206,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.register_buffer(
-            "inv_freq", rope_inv_freq(args.head_dim, args.rope), persistent=False
-        )
+        self.register_buffer("inv_freq", rope_inv_freq(args.head_dim, args.rope), persistent=False)
 
     @torch.inference_mode()
     def forward(

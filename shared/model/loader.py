@@ -7,10 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from disagg.shared.model.args import DTYPES, CheckpointError, ModelArgs
 from disagg.shared.model.llama import Transformer, rope_inv_freq
+from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -67,7 +66,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
     located: dict[str, Path] = {}
     for file in files:
         with _open(file) as f:
-            located |= {name: file for name in f.keys()}
+            located |= {name: file for name in f.keys()}  # noqa: SIM118 (no __iter__)
     return located
 
 
