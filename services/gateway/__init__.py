@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP gateway and NATS JSON API."""

@@ -1,0 +1,1 @@
+"""Scheduler: worker table from heartbeats, placement, P:D rate matching."""

@@ -1,0 +1,1 @@
+"""Prefill and decode worker cores (pure) and their NATS/ZeroMQ service shells."""
