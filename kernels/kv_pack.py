@@ -16,6 +16,7 @@ The Triton kernels run one program per (block, K or V, tile of token-head rows);
 """
 
 import torch
+
 from disagg.kernels._triton import (
     HAS_TRITON,
     check_launchable,

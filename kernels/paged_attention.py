@@ -19,6 +19,7 @@ chunk of sequences into dense tensors and runs a masked softmax; it is the CPU s
 import math
 
 import torch
+
 from disagg.kernels._triton import (
     HAS_TRITON,
     check_launchable,

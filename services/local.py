@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from disagg.shared.engine import Engine, EngineConfig
-from disagg.shared.kv import BlockPool, KVCache, num_blocks_for_budget
-from disagg.shared.model.llama import Transformer
-from disagg.shared.model.loader import load_model
+
+from disagg.services.workers.runtime import RuntimeConfig, build_runtime
 from disagg.shared.sampling import SamplingParams
 from disagg.shared.tiny import ARCHS, TinySpec, parameter_count, write_tiny_checkpoint
 from disagg.shared.tokenizer import Tokenizer
-
-GIB = 1 << 30
 
 
 def add_tiny_model_args(p: argparse.ArgumentParser) -> None:
@@ -83,37 +78,22 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print token ids and text as JSON lines")
 
 
-@dataclass
-class LoadedEngine:
-    model: Transformer
-    engine: Engine
-    cache: KVCache
-    pool: BlockPool
-
-
-def build_engine(args: argparse.Namespace) -> LoadedEngine:
-    """Load the model and size the KV cache from --kv-memory-gb."""
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    a, dtype = model.args, model.embed_tokens.weight.dtype
-    budget = int(args.kv_memory_gb * GIB)
-    blocks = num_blocks_for_budget(
-        budget, a.num_layers, args.block_size, a.num_kv_heads, a.head_dim, dtype
-    )
-    cache = KVCache(
-        a.num_layers, blocks, args.block_size, a.num_kv_heads, a.head_dim, dtype, args.device
-    )
-    pool = BlockPool(blocks, args.block_size)
-    config = EngineConfig(
+def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
+    return RuntimeConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_memory_gb=args.kv_memory_gb,
+        block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
     )
-    return LoadedEngine(model, Engine(model, cache, pool, config), cache, pool)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer(args.model)
-    loaded = build_engine(args)
+    runtime = build_runtime(runtime_config(args))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -124,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     prompts = [tokenizer.encode(text) for text in args.prompt]
     with torch.inference_mode():
-        outputs = loaded.engine.generate(prompts, params)
+        outputs = runtime.engine.generate(prompts, params)
     for text, ids in zip(args.prompt, outputs):
         completion = tokenizer.decode(ids)
         if args.json:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+
 from disagg.shared.kv import BlockPool, KVCache
 from disagg.shared.model.batch import ForwardBatch
 from disagg.shared.model.llama import Transformer
@@ -72,6 +73,12 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    error: str | None = None  # set with finish_reason "error"
+
+    @property
+    def index(self) -> int:
+        """Position in the output of the first token in `new_token_ids`."""
+        return self.num_output_tokens - len(self.new_token_ids)
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,7 @@ class Engine:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._arrivals = 0
-        self._finished_outputs: list[RequestOutput] = []
+        self._pending_outputs: list[RequestOutput] = []
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -142,24 +149,35 @@ class Engine:
     ) -> None:
         """Join the batch with the prompt's K/V already in `block_ids` (from a prefill worker).
 
-        The engine takes ownership of `block_ids` (the caller allocated them from this pool).
+        On success the engine owns `block_ids` (allocated by the caller from this pool) and frees
+        them when the request ends; on RequestError the caller still owns them.
         """
-        req = self._new_request(request_id, prompt, params)
         needed = self._blocks_for(len(prompt))
         if len(block_ids) != needed:
-            self._forget(req)
             raise RequestError(f"{needed} blocks hold {len(prompt)} tokens, got {len(block_ids)}")
+        if not 0 <= first_token < self.model.args.vocab_size:
+            raise RequestError(f"first token {first_token} is outside the vocabulary")
+        req = self._new_request(request_id, prompt, params)
         req.block_table = list(block_ids)
         req.num_computed = len(prompt)
         req.status = Status.RUNNING
         self.running.append(req)
         self._append_token(req, first_token)
-        if req.status is Status.FINISHED:
-            self._finished_outputs.append(self._output(req, [first_token]))
+        self._pending_outputs.append(self._output(req, [first_token]))
 
     def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Request:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        self.check_prompt(prompt)
+        req = Request(
+            request_id, list(prompt), params, self._arrivals, generator=params.make_generator()
+        )
+        self._arrivals += 1
+        self.requests[request_id] = req
+        return req
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        """Raise RequestError unless this engine could ever serve `prompt`."""
         if not prompt:
             raise RequestError("the prompt is empty")
         vocab = self.model.args.vocab_size
@@ -170,12 +188,6 @@ class Engine:
                 f"this model's maximum context length is {self.max_model_len} tokens; "
                 f"the prompt has {len(prompt)} tokens and at least one must be generated"
             )
-        req = Request(
-            request_id, list(prompt), params, self._arrivals, generator=params.make_generator()
-        )
-        self._arrivals += 1
-        self.requests[request_id] = req
-        return req
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
@@ -183,13 +195,13 @@ class Engine:
         if req is None or req.status is Status.FINISHED:
             return False
         self._finish(req, "abort")
-        self._finished_outputs.append(self._output(req, []))
+        self._pending_outputs.append(self._output(req, []))
         return True
 
     # -- stepping ---------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._finished_outputs)
+        return bool(self.waiting or self.running or self._pending_outputs)
 
     @property
     def num_queued_prefill_tokens(self) -> int:
@@ -199,7 +211,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns an output for every request that got a token or ended."""
-        outputs, self._finished_outputs = self._finished_outputs, []
+        outputs, self._pending_outputs = self._pending_outputs, []
         plan = self._schedule()
         if not plan.chunks and not plan.decodes:
             return outputs

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from disagg.shared.model.args import CheckpointError
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from disagg.shared.model.args import CheckpointError
 
 
 class ChatTemplateError(ValueError):

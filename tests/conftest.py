@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from disagg.shared.kv import BlockPool
 from disagg.shared.tiny import TinySpec, write_tiny_checkpoint
 

@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from disagg.shared.model.args import CheckpointError, ModelArgs
 from disagg.shared.model.llama import rope_inv_freq
 from disagg.shared.model.loader import load_model
 from disagg.shared.tokenizer import Tokenizer
-from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from disagg.shared.engine import Engine, EngineConfig, RequestError
 from disagg.shared.kv import BlockPool, KVCache
 from disagg.shared.model.loader import load_model
 from disagg.shared.sampling import SamplingParams
 from disagg.shared.tiny import ARCHS
-
 from tests.conftest import assert_greedy_close, assert_pool_full, hf_greedy
 
 BLOCK = 4

@@ -19,6 +19,9 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from disagg.kernels import _triton
 from disagg.kernels import paged_attention as pa
 from disagg.kernels.kv_pack import (
@@ -34,8 +37,6 @@ from disagg.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from disagg.shared.kv import (
     BlockPool,
     KVCache,

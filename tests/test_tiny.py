@@ -11,6 +11,9 @@ import unicodedata
 
 import pytest
 import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
 from disagg.shared.tiny import (
     ARCH_CLASSES,
     ARCHS,
@@ -21,8 +24,6 @@ from disagg.shared.tiny import (
     weight_shapes,
     write_tiny_checkpoint,
 )
-from safetensors import safe_open
-from tokenizers import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()

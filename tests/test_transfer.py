@@ -10,6 +10,9 @@ import msgpack
 import pytest
 import torch
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from disagg.kernels.kv_pack import pack_kv
 from disagg.shared.transfer import (
     DoneHeader,
@@ -26,8 +29,6 @@ from disagg.shared.transfer import (
     parse_header,
     unpack_header_map,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FP = "0123456789abcdef"
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 16, 4, 2, 8
@@ -56,6 +57,7 @@ def make_desc(address: str = "tcp://127.0.0.1:1", **overrides) -> TransferDescri
     fields = dict(
         address=address,
         block_ids=DST_IDS,
+        block_size=BLOCK_SIZE,
         num_layers=LAYERS,
         wire_dtype="float32",
         model_fingerprint=FP,
@@ -193,7 +195,7 @@ def test_zero_copy_buffer_reuse_with_one_buffer_stays_exact(receiver):
     src, dst = make_cache(**dims), make_cache(fill="sentinel", **dims)
     ids = list(range(8))
     with KVSender(FP, pool_size=1, max_chunk_bytes=128 << 10) as tx:
-        desc = make_desc(receiver.address, block_ids=ids[::-1], num_layers=12)
+        desc = make_desc(receiver.address, block_ids=ids[::-1], block_size=16, num_layers=12)
         receiver.expect(desc, dst)
         run_transfer(tx, desc, src, src_ids=ids)
         assert wait_result(receiver, desc.transfer_id).ok
@@ -294,6 +296,20 @@ def test_fingerprint_mismatch_and_block_count_refused_at_begin(sender):
         sender.begin(make_desc(), SRC_IDS[:4], src)
     with pytest.raises(TransferError, match="outside"):
         sender.begin(make_desc(), [0, 1, 2, 3, BLOCKS], src)
+
+
+def test_begin_refuses_block_size_mismatch(sender):
+    src = make_cache(block_size=BLOCK_SIZE * 2)
+    with pytest.raises(TransferError, match="block size mismatch: local cache has 8 .* says 4"):
+        sender.begin(make_desc(), SRC_IDS, src)
+
+
+def test_expect_refuses_block_size_mismatch(receiver):
+    dst = make_cache(fill="sentinel", block_size=BLOCK_SIZE * 2)
+    for expecting in (receiver, receiver.core):
+        with pytest.raises(TransferError, match="block size mismatch: receiver cache has 8"):
+            expecting.expect(make_desc(receiver.address), dst)
+    assert receiver.core.num_pending == 0
 
 
 def test_wrong_token_dropped_then_real_transfer_completes(receiver, sender, push):
@@ -501,7 +517,9 @@ def _header_values() -> st.SearchStrategy:
     return st.recursive(scalars, lambda inner: st.lists(inner, max_size=6), max_leaves=12)
 
 
-_FUZZ_DESC = TransferDescriptor("TID", "TOK", "tcp://127.0.0.1:1", (1, 2), LAYERS, "float32", FP, 5)
+_FUZZ_DESC = TransferDescriptor(
+    "TID", "TOK", "tcp://127.0.0.1:1", (1, 2), BLOCK_SIZE, LAYERS, "float32", FP, 5
+)
 _FUZZ_BYTES = 2 * 2 * BLOCK_SIZE * HEADS * HEAD_DIM * 4  # two float32 blocks
 _FUZZ_VALID = {
     "v": 1, "tid": "TID", "tok": "TOK", "kind": "layer", "layer": 0, "chunk": 0, "nchunks": 1,
@@ -580,6 +598,9 @@ def test_descriptor_round_trips_through_msgpack_and_json():
         (lambda d: d.update(block_ids=[]), "block_ids"),
         (lambda d: d.update(block_ids="12"), "block_ids"),
         (lambda d: d.update(num_layers=True), "num_layers"),
+        (lambda d: d.pop("block_size"), "missing \\['block_size'\\]"),
+        (lambda d: d.update(block_size=0), "block_size"),
+        (lambda d: d.update(block_size=4.0), "block_size"),
         (lambda d: d.update(deadline_s=0), "deadline_s"),
         (lambda d: d.update(deadline_s=float("inf")), "deadline_s"),
         (lambda d: d.update(address="http://x"), "address"),

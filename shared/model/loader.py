@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
 from disagg.shared.model.args import DTYPES, CheckpointError, ModelArgs
 from disagg.shared.model.llama import Transformer, rope_inv_freq
-from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 

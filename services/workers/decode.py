@@ -1,0 +1,179 @@
+"""Decode worker core: reserve blocks, receive KV into them, then decode in the continuous batch.
+
+No NATS here: a shell calls `admit`/`abort` and `step()` in a loop and publishes the outputs.
+
+Block ownership, step by step:
+1. `admit` allocates the prompt's blocks from this worker's pool and registers the transfer with
+   the KVReceiver. This worker owns them (`_pending`); the receiver only writes into them.
+2. The transfer completes: ownership passes to the engine (`Engine.add_prefilled`), which frees
+   them when the request finishes or is aborted.
+3. The transfer fails, passes its deadline, or the request is aborted first: the receiver forgets
+   the transfer (no write can follow) and this worker frees the blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from disagg.shared.engine import Engine, RequestError, RequestOutput
+from disagg.shared.log import get_logger
+from disagg.shared.sampling import SamplingParams
+from disagg.shared.transfer import KVReceiver, TransferDescriptor, TransferResult
+
+log = get_logger("disagg.decode")
+
+
+class AdmitError(Exception):
+    """Admission refused; `status` is HTTP-like: 400 never serveable, 429 no room right now."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    transfer: TransferDescriptor
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        engine: Engine,
+        receiver: KVReceiver,
+        *,
+        fingerprint: str,
+        transfer_deadline_s: float = 30.0,
+        wire_dtype: str | None = None,
+    ) -> None:
+        """`wire_dtype` None sends KV in the cache's own dtype; "int8" quantizes on the wire."""
+        self.engine = engine
+        self.receiver = receiver
+        self.fingerprint = fingerprint
+        self.transfer_deadline_s = transfer_deadline_s
+        self.wire_dtype = wire_dtype or str(engine.kv_cache.dtype).removeprefix("torch.")
+        self._pending: dict[str, _Pending] = {}  # transfer id -> reserved request
+        self._by_request: dict[str, str] = {}  # request id -> transfer id
+
+    @property
+    def pool(self):
+        return self.engine.pool
+
+    @property
+    def num_pending_transfers(self) -> int:
+        return len(self._pending)
+
+    def admit(
+        self, request_id: str, prompt: list[int], params: SamplingParams
+    ) -> TransferDescriptor:
+        """Reserve blocks for `prompt` and return the descriptor a prefill worker fills them by."""
+        self._check_new(request_id, prompt)
+        blocks_needed = -(-len(prompt) // self.pool.block_size)
+        if not self.pool.can_allocate(blocks_needed):
+            raise AdmitError(
+                f"no room: {blocks_needed} blocks needed, {self.pool.num_free} free", 429
+            )
+        block_ids = self.pool.allocate(blocks_needed)
+        transfer = TransferDescriptor.new(
+            address=self.receiver.address,
+            block_ids=block_ids,
+            num_layers=self.engine.kv_cache.num_layers,
+            block_size=self.pool.block_size,
+            wire_dtype=self.wire_dtype,
+            model_fingerprint=self.fingerprint,
+            deadline_s=self.transfer_deadline_s,
+        )
+        try:
+            self.receiver.expect(transfer, self.engine.kv_cache.data)
+        except Exception:
+            self.pool.free(block_ids)
+            raise
+        self._pending[transfer.transfer_id] = _Pending(request_id, list(prompt), params, transfer)
+        self._by_request[request_id] = transfer.transfer_id
+        return transfer
+
+    def admit_local(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Serve a request whole here (aggregated mode, or a prompt too short to ship)."""
+        self._check_new(request_id, prompt)
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except RequestError as err:
+            raise AdmitError(str(err), 400) from None
+
+    def _check_new(self, request_id: str, prompt: list[int]) -> None:
+        if request_id in self._by_request or request_id in self.engine.requests:
+            raise AdmitError(f"request id {request_id!r} is already in use", 400)
+        try:
+            self.engine.check_prompt(prompt)
+        except RequestError as err:
+            raise AdmitError(str(err), 400) from None
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its blocks return to the pool."""
+        transfer_id = self._by_request.get(request_id)
+        if transfer_id is not None:
+            self.receiver.cancel(transfer_id)
+            self._release(transfer_id)
+            return True
+        return self.engine.abort(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or self.engine.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Adopt finished transfers, expire late ones, then run one decode iteration."""
+        outputs = [self._adopt(r) for r in self.receiver.poll_completed(0.0)]
+        outputs += [self._fail(t, "KV transfer deadline passed") for t in self.receiver.expire()]
+        outputs = [o for o in outputs if o is not None]
+        return outputs + self.engine.step()
+
+    def _adopt(self, result: TransferResult) -> RequestOutput | None:
+        pending = self._pending.get(result.transfer_id)
+        if pending is None:  # aborted in the meantime
+            return None
+        if not result.ok:
+            return self._fail(result.transfer_id, f"KV transfer failed: {result.error}")
+        self._release(result.transfer_id, keep_blocks=True)
+        try:
+            self.engine.add_prefilled(
+                pending.request_id,
+                pending.prompt,
+                result.first_token,
+                list(pending.transfer.block_ids),
+                pending.params,
+            )
+        except RequestError as err:
+            self.pool.free(pending.transfer.block_ids)
+            return _error_output(pending, str(err))
+        return None  # the engine reports the first token in its next step (below)
+
+    def _fail(self, transfer_id: str, error: str) -> RequestOutput | None:
+        pending = self._release(transfer_id)
+        if pending is None:
+            return None
+        log.warning("transfer_failed", request_id=pending.request_id, error=error)
+        return _error_output(pending, error)
+
+    def _release(self, transfer_id: str, *, keep_blocks: bool = False) -> _Pending | None:
+        pending = self._pending.pop(transfer_id, None)
+        if pending is None:
+            return None
+        self._by_request.pop(pending.request_id, None)
+        if not keep_blocks:
+            self.pool.free(pending.transfer.block_ids)
+        return pending
+
+
+def _error_output(pending: _Pending, error: str) -> RequestOutput:
+    return RequestOutput(
+        request_id=pending.request_id,
+        new_token_ids=[],
+        finished=True,
+        finish_reason="error",
+        num_prompt_tokens=len(pending.prompt),
+        num_output_tokens=0,
+        error=error,
+    )

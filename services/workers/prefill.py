@@ -1,0 +1,156 @@
+"""Prefill worker core: run prompts through the engine and ship each layer's KV as it is written.
+
+No NATS here: a shell feeds `submit`/`abort` and calls `step()` in a loop. The engine runs the
+prompt with `max_tokens=1`; its per-layer callback packs the layer's blocks into the transfer's
+send buffer (one copy) and queues it for the KVSender thread, so layer i goes on the wire while
+layer i+1 computes. The sampled token is the request's first token: it is returned at once (the
+gateway streams it without waiting for the transfer) and rides in the transfer's done frame.
+
+Block ownership: the prefill engine owns its own blocks, as for any request, and frees them when
+the one-token request finishes — safe, because every layer was copied out by `send_layer` before
+sampling. The decode worker's blocks are never touched here except through the KV frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from disagg.shared.engine import Engine, Request, RequestError
+from disagg.shared.log import get_logger
+from disagg.shared.sampling import SamplingParams
+from disagg.shared.transfer import (
+    KVSender,
+    SendHandle,
+    TransferDescriptor,
+    TransferError,
+    TransferStats,
+)
+
+log = get_logger("disagg.prefill")
+
+
+class QueueFullError(RuntimeError):
+    """More prefill work is queued than this worker accepts; the caller should retry elsewhere."""
+
+
+@dataclass(frozen=True)
+class PrefillJob:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    transfer: TransferDescriptor
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """The first token of a request, or why it has none."""
+
+    request_id: str
+    first_token: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SentTransfer:
+    """A transfer whose last frame left this worker (or failed to), with its timeline."""
+
+    request_id: str
+    stats: TransferStats
+    error: str | None
+
+
+class PrefillWorker:
+    def __init__(self, engine: Engine, sender: KVSender, *, max_queued_tokens: int = 65536) -> None:
+        self.engine = engine
+        self.sender = sender
+        self.max_queued_tokens = max_queued_tokens
+        self._jobs: dict[str, PrefillJob] = {}
+        self._handles: dict[str, SendHandle] = {}  # transfers begun, until their done frame left
+        self._failed: dict[str, str] = {}  # request id -> why its transfer broke during compute
+        engine.on_layer = self._ship_layer
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        return self.engine.num_queued_prefill_tokens
+
+    def submit(self, job: PrefillJob) -> None:
+        """Queue a prompt; raises QueueFullError or RequestError (never serveable)."""
+        if job.request_id in self._jobs:
+            raise RequestError(f"request id {job.request_id!r} is already in use")
+        if self.queued_prefill_tokens + len(job.prompt) > self.max_queued_tokens:
+            raise QueueFullError(f"{self.queued_prefill_tokens} prefill tokens already queued")
+        # One token here; the decode worker generates the rest. EOS is decode's to judge.
+        params = replace(job.params, max_tokens=1, ignore_eos=True, stop_token_ids=())
+        self.engine.add_request(job.request_id, job.prompt, params)
+        self._jobs[job.request_id] = job
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and fail its transfer (decode then frees its reserved blocks)."""
+        job = self._jobs.pop(request_id, None)
+        if job is None:
+            return False
+        self.engine.abort(request_id)
+        handle = self._handles.pop(request_id, None)
+        if handle is not None:
+            handle.fail("aborted")
+        return True
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def step(self) -> list[PrefillResult]:
+        """One engine iteration; returns the first tokens sampled (and failures)."""
+        results = []
+        for out in self.engine.step():
+            job = self._jobs.pop(out.request_id, None)
+            if job is None:  # aborted by us: nothing to report
+                continue
+            results.append(self._complete(job, out.new_token_ids, out.finish_reason))
+        return results
+
+    def _complete(self, job: PrefillJob, tokens: list[int], reason: str | None) -> PrefillResult:
+        error = self._failed.pop(job.request_id, None)
+        handle = self._handles.get(job.request_id)
+        if error is None and (not tokens or handle is None):
+            error = f"prefill ended without a token ({reason})"
+        if error is not None:
+            self._drop_handle(job.request_id, error)
+            return PrefillResult(job.request_id, None, error)
+        try:
+            handle.finish(tokens[0])
+        except TransferError as err:
+            self._drop_handle(job.request_id, str(err))
+            return PrefillResult(job.request_id, None, str(err))
+        return PrefillResult(job.request_id, tokens[0])
+
+    def _drop_handle(self, request_id: str, error: str) -> None:
+        handle = self._handles.pop(request_id, None)
+        if handle is not None:
+            handle.fail(error)
+
+    def _ship_layer(self, layer: int, completing: list[Request]) -> None:
+        for req in completing:
+            if req.request_id in self._failed:
+                continue
+            try:
+                self._handle_for(req).send_layer(layer)
+            except TransferError as err:
+                # Compute goes on for the batch; this request reports the error when it samples.
+                self._failed[req.request_id] = str(err)
+
+    def _handle_for(self, req: Request) -> SendHandle:
+        handle = self._handles.get(req.request_id)
+        if handle is None:
+            job = self._jobs[req.request_id]
+            handle = self.sender.begin(job.transfer, req.block_table, self.engine.kv_cache.data)
+            self._handles[req.request_id] = handle
+        return handle
+
+    def poll_sent(self) -> list[SentTransfer]:
+        """Transfers whose done frame has left (or that failed), for metrics and logs."""
+        done = []
+        for request_id, handle in list(self._handles.items()):
+            if handle.finished:
+                del self._handles[request_id]
+                done.append(SentTransfer(request_id, handle.stats, handle.error))
+        return done

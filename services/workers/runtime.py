@@ -1,0 +1,75 @@
+"""Everything a worker process builds once at start: model, KV cache, block pool, engine."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from disagg.shared.engine import Engine, EngineConfig
+from disagg.shared.kv import BlockPool, KVCache, num_blocks_for_budget
+from disagg.shared.model.llama import Transformer
+from disagg.shared.model.loader import expected_shapes, load_model
+from disagg.shared.transfer import model_fingerprint
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    model: Path
+    dtype: str = "auto"
+    device: str = "cpu"
+    kv_memory_gb: float = 1.0
+    num_blocks: int | None = None  # overrides kv_memory_gb (tests)
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_memory_gb <= 0:
+            raise ValueError(f"--kv-memory-gb must be positive, got {self.kv_memory_gb}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass
+class Runtime:
+    model: Transformer
+    cache: KVCache
+    pool: BlockPool
+    engine: Engine
+    fingerprint: str
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_blocks * self.pool.block_size
+
+
+def build_runtime(cfg: RuntimeConfig) -> Runtime:
+    """Load the model and size the KV cache (from `num_blocks` or the memory budget)."""
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    a, dtype = model.args, model.embed_tokens.weight.dtype
+    blocks = cfg.num_blocks or num_blocks_for_budget(
+        int(cfg.kv_memory_gb * GIB), a.num_layers, cfg.block_size, a.num_kv_heads, a.head_dim, dtype
+    )
+    cache = KVCache(
+        a.num_layers, blocks, cfg.block_size, a.num_kv_heads, a.head_dim, dtype, cfg.device
+    )
+    pool = BlockPool(blocks, cfg.block_size)
+    config = EngineConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=cfg.max_model_len,
+    )
+    engine = Engine(model, cache, pool, config)
+    return Runtime(model, cache, pool, engine, fingerprint_of(cfg.model, model))
+
+
+def fingerprint_of(folder: Path, model: Transformer) -> str:
+    """Model identity for the transfer handshake: architecture fields plus weight names/shapes."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return model_fingerprint(config, expected_shapes(model.args))
