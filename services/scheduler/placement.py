@@ -1,0 +1,415 @@
+"""The scheduler's pure core: a table of workers built from heartbeats, and placement.
+
+No sockets, no asyncio, no clock: every function that depends on time takes ``now`` (seconds, any
+monotonic-enough origin) so the shell decides what time it is and tests stay deterministic.
+
+The shell's loop is: ``table.update(report, now)`` on each heartbeat, ``table.expire(now)``
+before each placement (and on a timer), then ``place(table, PlaceInput(...), policy)``.
+``NoWorkerError`` maps to HTTP 503, ``NoCapacityError`` to 429 with ``Retry-After``,
+``PromptTooLongError`` to 400.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+ROLES = ("prefill", "decode", "both")
+PLACEMENT_ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """One heartbeat, field for field the ``Heartbeat`` message, kept separate so this core
+    does not depend on the wire format."""
+
+    worker_id: str
+    role: str
+    zmq_address: str
+    model: str
+    fingerprint: str
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    queued_prefill_tokens: int
+    max_model_len: int
+    prefix_hashes: list[int] = field(default_factory=list)
+    sent_at: float = 0.0
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.worker_id:
+            raise ValueError("worker_id must not be empty")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not 0 <= self.free_blocks <= self.total_blocks:
+            raise ValueError(
+                f"need 0 <= free_blocks <= total_blocks, got {self.free_blocks}/{self.total_blocks}"
+            )
+        for name in ("running", "waiting", "queued_prefill_tokens", "max_model_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """The latest report of one worker and when it arrived (the table's clock, not ``sent_at``)."""
+
+    report: WorkerReport
+    last_seen: float
+    prefix_set: frozenset[int]
+
+    @property
+    def worker_id(self) -> str:
+        return self.report.worker_id
+
+    @property
+    def can_prefill(self) -> bool:
+        return self.report.role in ("prefill", "both")
+
+    @property
+    def can_decode(self) -> bool:
+        return self.report.role in ("decode", "both")
+
+    def serves(self, role: str) -> bool:
+        """Whether this worker can take ``role`` work ("both" serves either)."""
+        return self.can_prefill if role == "prefill" else self.can_decode
+
+    def blocks_for(self, prompt_len: int) -> int:
+        """KV blocks a request needs here: the prompt plus the first generated token."""
+        return math.ceil((prompt_len + 1) / self.report.block_size)
+
+    def prefix_overlap(self, prefix_hashes: Sequence[int]) -> int:
+        """Number of leading ``prefix_hashes`` this worker has cached.
+
+        Hashes are chained, so a hit on block i implies the whole prefix up to i; the count
+        stops at the first miss.
+        """
+        n = 0
+        for h in prefix_hashes:
+            if h not in self.prefix_set:
+                break
+            n += 1
+        return n
+
+
+@dataclass(frozen=True)
+class RoleSummary:
+    """Aggregate of the live workers serving one role, for metrics gauges."""
+
+    workers: int
+    draining: int
+    total_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    queued_prefill_tokens: int
+
+
+def _check_role(role: str) -> None:
+    if role not in PLACEMENT_ROLES:
+        raise ValueError(f"role must be one of {PLACEMENT_ROLES}, got {role!r}")
+
+
+class WorkerTable:
+    """Workers known from heartbeats; a worker silent for more than
+    ``missed_beats * heartbeat_interval_s`` is expired (dead)."""
+
+    def __init__(self, heartbeat_interval_s: float = 1.0, missed_beats: int = 3) -> None:
+        if heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}")
+        if missed_beats < 1:
+            raise ValueError(f"missed_beats must be >= 1, got {missed_beats}")
+        self.timeout_s = heartbeat_interval_s * missed_beats
+        self._workers: dict[str, WorkerState] = {}
+
+    def update(self, report: WorkerReport, now: float) -> WorkerState:
+        """Record a heartbeat; a worker expired earlier comes back alive with it."""
+        state = WorkerState(report, now, frozenset(report.prefix_hashes))
+        self._workers[report.worker_id] = state
+        return state
+
+    def expire(self, now: float) -> list[str]:
+        """Remove and return (sorted) the workers silent for more than ``timeout_s``."""
+        dead = sorted(w for w, s in self._workers.items() if now - s.last_seen > self.timeout_s)
+        for worker_id in dead:
+            del self._workers[worker_id]
+        return dead
+
+    def remove(self, worker_id: str) -> bool:
+        """Forget a worker now (it said goodbye); False if it was not known."""
+        return self._workers.pop(worker_id, None) is not None
+
+    def get(self, worker_id: str) -> WorkerState | None:
+        return self._workers.get(worker_id)
+
+    def alive(self, role: str) -> list[WorkerState]:
+        """Workers that may take new ``role`` work: serving it and not draining, sorted by id."""
+        _check_role(role)
+        return [s for s in self.workers() if s.serves(role) and not s.report.draining]
+
+    def workers(self) -> list[WorkerState]:
+        """Every known worker, draining ones included, sorted by id."""
+        return [self._workers[w] for w in sorted(self._workers)]
+
+    def snapshot(self) -> dict[str, RoleSummary]:
+        """Per-role totals ("prefill", "decode"); a "both" worker counts in each."""
+        return {
+            role: _summarise(s for s in self.workers() if s.serves(role))
+            for role in PLACEMENT_ROLES
+        }
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._workers
+
+
+def _summarise(states: Iterable[WorkerState]) -> RoleSummary:
+    reports = [s.report for s in states]
+    return RoleSummary(
+        workers=len(reports),
+        draining=sum(r.draining for r in reports),
+        total_blocks=sum(r.total_blocks for r in reports),
+        free_blocks=sum(r.free_blocks for r in reports),
+        running=sum(r.running for r in reports),
+        waiting=sum(r.waiting for r in reports),
+        queued_prefill_tokens=sum(r.queued_prefill_tokens for r in reports),
+    )
+
+
+# --- placement -----------------------------------------------------------------------------------
+
+
+class PlacementError(Exception):
+    """Base of the reasons placement can fail."""
+
+
+class NoWorkerError(PlacementError):
+    """No live, non-excluded worker of ``role`` (HTTP 503)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"no {role} worker available")
+        self.role = role
+
+
+class NoCapacityError(PlacementError):
+    """Decode workers exist but none has the free blocks for the prompt now (HTTP 429)."""
+
+    def __init__(self, blocks_needed: int, retry_after_s: float) -> None:
+        super().__init__(
+            f"no decode worker has {blocks_needed} free KV blocks; retry in {retry_after_s:g} s"
+        )
+        self.blocks_needed = blocks_needed
+        self.retry_after_s = retry_after_s
+
+
+class PromptTooLongError(PlacementError):
+    """No decode worker could ever hold the prompt, however idle (HTTP 400)."""
+
+    def __init__(self, prompt_len: int, max_prompt_len: int) -> None:
+        super().__init__(
+            f"prompt of {prompt_len} tokens exceeds the largest worker limit of {max_prompt_len}"
+        )
+        self.prompt_len = prompt_len
+        self.max_prompt_len = max_prompt_len
+
+
+@dataclass(frozen=True)
+class PlacementPolicy:
+    """Weights of the decode cost model (see ``decode_cost``) and the prefill switches.
+
+    With the defaults a full prefix hit is worth 0.5, the load term reaches 0.5 at
+    ``load_scale`` requests in flight: a fully cached worker beats an otherwise equal idle one
+    until it runs ``load_scale`` requests.
+    """
+
+    kv_weight: float = 1.0  # per unit of KV usage (0 = empty, 1 = full after admitting)
+    load_weight: float = 1.0  # per unit of saturating load (running + waiting)
+    prefix_weight: float = 0.5  # per unit of prompt already cached on the worker
+    load_scale: float = 8.0  # requests in flight at which load is 0.5
+    local_prefill_threshold_tokens: int = 0  # uncached prompts shorter than this prefill locally
+    retry_after_s: float = 1.0  # one heartbeat: free-block counts are fresh by then
+
+    def __post_init__(self) -> None:
+        for name in ("kv_weight", "load_weight", "prefix_weight", "local_prefill_threshold_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.load_scale <= 0:
+            raise ValueError(f"load_scale must be positive, got {self.load_scale}")
+        if self.retry_after_s <= 0:
+            raise ValueError(f"retry_after_s must be positive, got {self.retry_after_s}")
+
+
+@dataclass(frozen=True)
+class PlaceInput:
+    """What placement needs to know about one request.
+
+    ``prefix_hashes`` are the chained hashes of the prompt's full blocks (``prefix_block_hashes``);
+    ``exclude`` holds workers that already failed this request; ``model``, when set, restricts
+    placement to workers serving that model.
+    """
+
+    prompt_len: int
+    prefix_hashes: Sequence[int] = ()
+    exclude: frozenset[str] = frozenset()
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_len <= 0:
+            raise ValueError(f"prompt_len must be positive, got {self.prompt_len}")
+        object.__setattr__(self, "exclude", frozenset(self.exclude))
+
+
+@dataclass(frozen=True)
+class PlaceDecision:
+    """Where a request runs; ``prefill_id`` None means the decode worker prefills locally."""
+
+    decode_id: str
+    prefill_id: str | None
+
+
+def decode_cost(
+    worker: WorkerState, prompt_len: int, overlap_blocks: int, policy: PlacementPolicy
+) -> float:
+    """Cost of admitting a prompt on ``worker``; lower is better.
+
+    ``kv_weight * usage + load_weight * load - prefix_weight * cached``, each term in [0, 1]:
+
+    - usage: fraction of the worker's blocks in use once this prompt's blocks are taken;
+    - load: ``n / (n + load_scale)`` with ``n = running + waiting``, 0 when idle, saturating;
+    - cached: fraction of the prompt's tokens already in the worker's prefix cache.
+    """
+    r = worker.report
+    used_after = r.total_blocks - r.free_blocks + worker.blocks_for(prompt_len)
+    usage = min(1.0, used_after / r.total_blocks)
+    in_flight = r.running + r.waiting
+    load = in_flight / (in_flight + policy.load_scale)
+    cached = min(1.0, overlap_blocks * r.block_size / prompt_len)
+    return policy.kv_weight * usage + policy.load_weight * load - policy.prefix_weight * cached
+
+
+def place(table: WorkerTable, request: PlaceInput, policy: PlacementPolicy) -> PlaceDecision:
+    """Choose a decode worker, then who prefills for it.
+
+    Only pairs that can hand KV over are considered: a remote prefill worker must share the
+    decode worker's model fingerprint and block size (the receiver rejects anything else).
+    Raises ``NoWorkerError`` when no usable worker of a needed role is alive,
+    ``PromptTooLongError`` when no decode worker could ever hold the prompt, and
+    ``NoCapacityError`` when some could but none has the free blocks now.
+    """
+    decodes = _candidates(table, "decode", request)
+    if not decodes:
+        raise NoWorkerError("decode")
+    prefills = [s for s in _candidates(table, "prefill", request) if _could_ever_fit(s, request)]
+    reachable = [d for d in decodes if d.can_prefill or _remote_prefills(prefills, d)]
+    if not reachable:
+        raise NoWorkerError("prefill")
+    decode = _choose_decode(reachable, request, policy)
+    return PlaceDecision(decode.worker_id, _choose_prefill(prefills, request, decode, policy))
+
+
+def _candidates(table: WorkerTable, role: str, request: PlaceInput) -> list[WorkerState]:
+    return [
+        s
+        for s in table.alive(role)
+        if s.worker_id not in request.exclude
+        and (request.model is None or s.report.model == request.model)
+    ]
+
+
+def _remote_prefills(prefills: list[WorkerState], decode: WorkerState) -> list[WorkerState]:
+    """Prefill workers that can push KV into ``decode``; for a "both" decode worker only
+    dedicated ones (another aggregated worker would be no faster than prefilling locally), which
+    also keeps a worker from being paired with itself."""
+    return [
+        p
+        for p in prefills
+        if p.report.fingerprint == decode.report.fingerprint
+        and p.report.block_size == decode.report.block_size
+        and not (decode.can_prefill and p.can_decode)
+    ]
+
+
+def _max_prompt_len(worker: WorkerState) -> int:
+    """Longest prompt this worker could ever take: one token of room must remain."""
+    r = worker.report
+    return min(r.max_model_len, r.total_blocks * r.block_size) - 1
+
+
+def _could_ever_fit(worker: WorkerState, request: PlaceInput) -> bool:
+    return request.prompt_len <= _max_prompt_len(worker)
+
+
+def _choose_decode(
+    decodes: list[WorkerState], request: PlaceInput, policy: PlacementPolicy
+) -> WorkerState:
+    """The decode worker with room of least ``decode_cost``; ties go to more free blocks, fewer
+    running, then the smaller id."""
+    feasible = [s for s in decodes if _could_ever_fit(s, request)]
+    if not feasible:
+        raise PromptTooLongError(request.prompt_len, max(_max_prompt_len(s) for s in decodes))
+    fitting = [s for s in feasible if s.blocks_for(request.prompt_len) <= s.report.free_blocks]
+    if not fitting:
+        needed = min(s.blocks_for(request.prompt_len) for s in feasible)
+        raise NoCapacityError(needed, policy.retry_after_s)
+
+    def key(s: WorkerState) -> tuple[float, int, int, str]:
+        overlap = s.prefix_overlap(request.prefix_hashes)
+        cost = decode_cost(s, request.prompt_len, overlap, policy)
+        return (cost, -s.report.free_blocks, s.report.running, s.worker_id)
+
+    return min(fitting, key=key)
+
+
+def _choose_prefill(
+    prefills: list[WorkerState], request: PlaceInput, decode: WorkerState, policy: PlacementPolicy
+) -> str | None:
+    """Who prefills for ``decode``: None (locally) or the compatible prefill worker with the
+    fewest queued prefill tokens (ties: fewer running, then smaller id).
+
+    A "both" decode worker prefills locally when no dedicated prefill worker is usable, or when
+    the uncached part of the prompt is below ``policy.local_prefill_threshold_tokens`` (a
+    transfer would cost more than it saves). A decode-only worker always gets a remote one.
+    """
+    threshold = policy.local_prefill_threshold_tokens
+    if decode.can_prefill and _uncached_tokens(decode, request) < threshold:
+        return None
+    remote = _remote_prefills(prefills, decode)
+    if not remote:
+        assert decode.can_prefill, "place() only passes decode workers a prefill can reach"
+        return None
+    key = lambda s: (s.report.queued_prefill_tokens, s.report.running, s.worker_id)
+    return min(remote, key=key).worker_id
+
+
+def _uncached_tokens(worker: WorkerState, request: PlaceInput) -> int:
+    cached = worker.prefix_overlap(request.prefix_hashes) * worker.report.block_size
+    return max(0, request.prompt_len - cached)
+
+
+# --- rate matching -------------------------------------------------------------------------------
+
+
+def decode_pressure(table: WorkerTable) -> float:
+    """Fraction of KV blocks in use across live, non-draining decode workers; 1.0 with none
+    (no room anywhere)."""
+    workers = table.alive("decode")
+    total = sum(s.report.total_blocks for s in workers)
+    if total == 0:
+        return 1.0
+    return 1.0 - sum(s.report.free_blocks for s in workers) / total
+
+
+def should_hold_prefill(table: WorkerTable, watermark: float) -> bool:
+    """Whether to hold new prefill jobs back: decode KV usage is at or above ``watermark``,
+    so prefilled KV would have nowhere to land soon."""
+    if not 0.0 < watermark <= 1.0:
+        raise ValueError(f"watermark must be in (0, 1], got {watermark}")
+    return decode_pressure(table) >= watermark
