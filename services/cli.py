@@ -27,7 +27,34 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=local.run_generate)
 
 
-SUBCOMMANDS = [_add_tiny_model, _add_generate]
+def _add_services(sub: argparse._SubParsersAction) -> None:
+    from disagg.services import up
+    from disagg.services.gateway import service as gateway
+    from disagg.services.scheduler import service as scheduler
+    from disagg.services.workers import service as workers
+
+    roles = {
+        "prefill": "prefill worker: runs prompts, ships KV over ZeroMQ",
+        "decode": "decode worker: receives KV, continuous batching, streams tokens",
+        "worker": "aggregated worker: prefill and decode in one process",
+    }
+    for name, text in roles.items():
+        p = sub.add_parser(name, help=text)
+        workers.add_worker_args(p)
+        role = "both" if name == "worker" else name
+        p.set_defaults(run=lambda args, role=role: workers.main(args, role))
+    p = sub.add_parser("scheduler", help="places requests on prefill and decode workers")
+    scheduler.add_scheduler_args(p)
+    p.set_defaults(run=scheduler.main)
+    p = sub.add_parser("gateway", help="OpenAI-compatible HTTP API and NATS JSON API")
+    gateway.add_gateway_args(p)
+    p.set_defaults(run=gateway.main)
+    p = sub.add_parser("up", help="start nats-server and every service on this machine")
+    up.add_up_args(p)
+    p.set_defaults(run=up.main)
+
+
+SUBCOMMANDS = [_add_services, _add_tiny_model, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

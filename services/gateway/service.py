@@ -1,0 +1,301 @@
+"""`disagg gateway`: validates OpenAI requests, runs them through the backend, and answers over
+HTTP (FastAPI, SSE) and over NATS (JSON request/reply on disagg.v1.*)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from disagg.services.common import (
+    NatsConfig,
+    add_nats_flags,
+    connect_nats,
+    flag,
+    run_service,
+    subjects_for,
+)
+from disagg.services.gateway import openai as oai
+from disagg.services.gateway.backend import Backend, BackendError, Timeouts
+from disagg.services.gateway.detok import StreamDetokenizer
+from disagg.services.gateway.metrics import GatewayMetrics
+from disagg.shared.log import get_logger
+from disagg.shared.messages import check_id, new_request_id
+from disagg.shared.model.args import ModelArgs
+from disagg.shared.tokenizer import Tokenizer
+
+log = get_logger("disagg.gateway")
+
+
+def add_gateway_args(p: argparse.ArgumentParser) -> None:
+    add_nats_flags(p)
+    flag(p, "--model", type=Path, required=True, help="model folder (tokenizer, chat template)")
+    flag(p, "--served-model-name", default=None, help="name clients use (default: folder name)")
+    flag(p, "--host", default="127.0.0.1")
+    flag(p, "--port", type=int, default=8000)
+    flag(p, "--id", default=None, help="gateway id (default: random)")
+    flag(p, "--max-model-len", type=int, default=None)
+    flag(p, "--max-concurrent-requests", type=int, default=256, help="beyond: 429")
+    flag(p, "--max-body-bytes", type=int, default=4 << 20)
+    flag(p, "--place-timeout-s", type=float, default=5.0)
+    flag(p, "--admit-timeout-s", type=float, default=10.0)
+    flag(p, "--first-token-timeout-s", type=float, default=120.0)
+    flag(p, "--inter-token-timeout-s", type=float, default=60.0)
+    flag(p, "--api-key", default=None, help="required Bearer key(s), comma separated")
+
+
+@dataclass
+class Finished:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: dict[str, Any]
+
+
+class Gateway:
+    """One request end to end: parse, generate, detokenize, assemble OpenAI bodies."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        ctx: oai.ParseContext,
+        metrics: GatewayMetrics,
+        eos_ids: frozenset[int],
+        max_concurrent: int,
+    ) -> None:
+        self.backend, self.ctx, self.metrics = backend, ctx, metrics
+        self.eos_ids = eos_ids
+        self.max_concurrent = max_concurrent
+        self.running = 0
+        self.created = int(time.time())
+
+    def parse(self, kind: str, body: Any) -> oai.GenerationRequest:
+        return (
+            oai.parse_completion(body, self.ctx)
+            if kind == "completion"
+            else oai.parse_chat(body, self.ctx)
+        )
+
+    def admit(self) -> None:
+        """Count a request in; 429 beyond the bound, 503 with no worker of a role."""
+        if self.running >= self.max_concurrent:
+            raise oai.queue_full(retry_after_s=1)
+        if not self.backend.can_serve():
+            raise oai.service_unavailable("no worker can serve this request right now", 1)
+
+    async def chunks(self, req: oai.GenerationRequest) -> AsyncIterator[dict[str, Any]]:
+        """The OpenAI chunk dicts of a streamed request (errors after the first become chunks)."""
+        assembler = oai.StreamAssembler(req)
+        events = self._events(req)
+        try:
+            async for item in events:
+                if isinstance(item, Finished):
+                    for chunk in assembler.finish(
+                        item.finish_reason, item.usage, item.text, item.token_ids
+                    ):
+                        yield chunk
+                else:
+                    for chunk in assembler.delta(*item):
+                        yield chunk
+        finally:
+            await events.aclose()
+
+    async def complete(self, req: oai.GenerationRequest) -> dict[str, Any]:
+        text, ids = [], []
+        async for item in self._events(req):
+            if isinstance(item, Finished):
+                build = oai.completion_response if req.kind == "completion" else oai.chat_response
+                return build(
+                    req,
+                    "".join(text) + item.text,
+                    item.finish_reason,
+                    item.usage,
+                    ids + item.token_ids,
+                )
+            text.append(item[0])
+            ids.extend(item[1])
+        raise oai.internal_error("the stream ended without a finish")
+
+    async def _events(
+        self, req: oai.GenerationRequest
+    ) -> AsyncIterator[tuple[str, list[int]] | Finished]:
+        """(text, ids) deltas, then one Finished; BackendError -> APIError."""
+        self.running += 1
+        self.metrics.set_num_requests(self.running, 0)
+        start = last = time.monotonic()
+        detok = StreamDetokenizer(self.ctx.tokenizer, req.stop, req.prompt_token_ids)
+        ids: list[int] = []
+        reason = "error"
+        try:
+            async for event in self.backend.generate(
+                req.request_id, req.prompt_token_ids, req.params
+            ):
+                now = time.monotonic()
+                self._observe_tokens(len(ids), len(event.token_ids), now - start, now - last)
+                last = now
+                final_stop = self._ends_on_stop_token(req, event)
+                delta = detok.push(event.token_ids, final_token_is_stop=final_stop)
+                ids += delta.token_ids
+                if delta.stopped or event.finish_reason is not None:
+                    reason = "stop" if delta.stopped else event.finish_reason
+                    tail = detok.flush()
+                    usage = oai.usage(req.prompt_len, len(ids))
+                    yield Finished(
+                        delta.text + tail.text, delta.token_ids + tail.token_ids, reason, usage
+                    )
+                    return
+                if delta.text or delta.token_ids:
+                    yield delta.text, delta.token_ids
+        except BackendError as err:
+            raise _api_error(err) from None
+        finally:
+            self.running -= 1
+            self.metrics.set_num_requests(self.running, 0)
+            self.metrics.observe_request_finished(
+                prompt_tokens=req.prompt_len,
+                generation_tokens=len(ids),
+                e2e_s=time.monotonic() - start,
+                finished_reason=reason,
+            )
+
+    def _observe_tokens(self, before: int, new: int, since_start: float, gap: float) -> None:
+        if before == 0 and new:
+            self.metrics.observe_first_token(since_start)
+        elif new:
+            for _ in range(new):
+                self.metrics.observe_inter_token(gap / new)
+
+    def _ends_on_stop_token(self, req: oai.GenerationRequest, event) -> bool:
+        if event.finish_reason != "stop" or not event.token_ids:
+            return False
+        last = event.token_ids[-1]
+        eos = last in self.eos_ids and not req.params.ignore_eos
+        return eos or last in req.params.stop_token_ids
+
+    def models(self) -> dict[str, Any]:
+        return oai.models_response(
+            self.ctx.served_models, self.created, max_model_len=self.ctx.max_model_len
+        )
+
+
+def _api_error(err: BackendError) -> oai.APIError:
+    if err.status == 429:
+        return oai.queue_full(retry_after_s=1)
+    if err.status == 503:
+        return oai.service_unavailable(err.message, 1)
+    if err.status == 504:
+        return oai.gateway_timeout(err.message)
+    if 400 <= err.status < 500:
+        return oai.invalid_request(err.message)
+    return oai.internal_error(err.message)
+
+
+def build_context(args: argparse.Namespace) -> tuple[oai.ParseContext, frozenset[int]]:
+    tokenizer = Tokenizer(args.model)
+    model_args = ModelArgs.from_folder(args.model)
+    name = args.served_model_name or Path(args.model).resolve().name
+    max_len = min(args.max_model_len or model_args.max_model_len, model_args.max_model_len)
+    ctx = oai.ParseContext(
+        served_models=(name,),
+        tokenizer=tokenizer,
+        max_model_len=max_len,
+        vocab_size=min(tokenizer.vocab_size, model_args.vocab_size),
+    )
+    return ctx, frozenset(model_args.eos_token_ids)
+
+
+async def serve_nats_api(nc, gateway: Gateway, subjects) -> None:
+    """disagg.v1.completions / chat.completions: JSON in, JSON out (stream: chunks, then done)."""
+
+    async def handle(msg, kind: str) -> None:
+        if not msg.reply:
+            return
+        try:
+            body = json.loads(msg.data)
+            req = gateway.parse(kind, body)
+            gateway.admit()
+            if not req.stream:
+                await msg.respond(json.dumps(await gateway.complete(req)).encode())
+                return
+            async for chunk in gateway.chunks(req):
+                await nc.publish(msg.reply, json.dumps(chunk).encode())
+            await nc.publish(msg.reply, b'{"done": true}')
+        except json.JSONDecodeError as err:
+            await nc.publish(
+                msg.reply,
+                json.dumps(oai.invalid_request(f"body is not JSON: {err}").body()).encode(),
+            )
+        except oai.APIError as err:
+            await nc.publish(msg.reply, json.dumps(err.body()).encode())
+
+    async def completion(msg) -> None:
+        await handle(msg, "completion")
+
+    async def chat(msg) -> None:
+        await handle(msg, "chat")
+
+    await nc.subscribe(subjects.completions, cb=completion)
+    await nc.subscribe(subjects.chat_completions, cb=chat)
+
+
+async def run_gateway(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    from disagg.services.gateway.app import create_app
+
+    gateway_id = check_id("--id", args.id) if args.id else "gw-" + new_request_id()[:10]
+    ctx, eos_ids = build_context(args)
+    nc = await connect_nats(NatsConfig.from_args(args), gateway_id)
+    subjects = subjects_for(args)
+    timeouts = Timeouts(
+        args.place_timeout_s,
+        args.admit_timeout_s,
+        args.first_token_timeout_s,
+        args.inter_token_timeout_s,
+    )
+    backend = Backend(nc, subjects, gateway_id, timeouts=timeouts)
+    metrics = GatewayMetrics()
+    backend.on_heartbeat = lambda r: metrics.set_worker_blocks(
+        r.worker_id, r.role, r.free_blocks, r.total_blocks
+    )
+    await backend.start()
+    gateway = Gateway(backend, ctx, metrics, eos_ids, args.max_concurrent_requests)
+    await serve_nats_api(nc, gateway, subjects)
+    keys = [k.strip() for k in (args.api_key or "").split(",") if k.strip()]
+    app = create_app(gateway, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", lifespan="off"
+    )
+    server = _Server(config)
+    log.info(
+        "gateway_ready",
+        gateway_id=gateway_id,
+        url=f"http://{args.host}:{args.port}/v1",
+        model=ctx.served_models[0],
+        nats=args.nats,
+    )
+    async with asyncio.TaskGroup() as tasks:
+        serving = tasks.create_task(server.serve())
+        await stop.wait()
+        server.should_exit = True
+        await serving
+    await backend.close()
+    await nc.drain()
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn without its own signal handlers: the service's stop event owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_service(args, lambda stop: run_gateway(args, stop))

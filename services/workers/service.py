@@ -1,0 +1,362 @@
+"""Worker service shells: `disagg prefill`, `disagg decode` and `disagg worker` (both roles).
+
+The shell owns NATS (job/admit/abort subscriptions, heartbeats, token streams) and the ZeroMQ
+endpoint; the core runs on the compute thread (ComputeLoop). On SIGTERM it stops taking work,
+says so in its heartbeats, finishes what it holds (bounded by --drain-timeout) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from disagg.services.common import (
+    NatsConfig,
+    add_nats_flags,
+    connect_nats,
+    error_reply,
+    flag,
+    guarded,
+    run_service,
+    subjects_for,
+)
+from disagg.services.workers.decode import AdmitError, DecodeWorker
+from disagg.services.workers.loop import ComputeLoop
+from disagg.services.workers.prefill import PrefillJob, PrefillWorker, QueueFullError
+from disagg.services.workers.runtime import Runtime, RuntimeConfig, build_runtime
+from disagg.shared.engine import RequestError, RequestOutput
+from disagg.shared.log import get_logger
+from disagg.shared.messages import (
+    AbortReply,
+    AbortRequest,
+    AdmitReply,
+    AdmitRequest,
+    ErrorBody,
+    Heartbeat,
+    JobReply,
+    StreamChunk,
+    check_id,
+    decode,
+    encode,
+    new_worker_id,
+)
+from disagg.shared.messages import PrefillJob as PrefillJobMsg
+from disagg.shared.transfer import KVReceiver, KVSender
+
+log = get_logger("disagg.worker")
+HEARTBEAT_S = 1.0
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    add_nats_flags(p)
+    flag(p, "--model", type=Path, required=True, help="Hugging Face model folder")
+    flag(p, "--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    flag(p, "--device", default="cpu", help="cpu | cuda")
+    flag(p, "--kv-memory-gb", type=float, default=1.0, help="memory for the KV cache")
+    flag(p, "--block-size", type=int, default=16)
+    flag(p, "--max-num-seqs", type=int, default=64)
+    flag(p, "--max-num-batched-tokens", type=int, default=512)
+    flag(p, "--max-model-len", type=int, default=None)
+    flag(p, "--id", default=None, help="worker id (default: role + random suffix)")
+    flag(p, "--zmq-host", default="127.0.0.1", help="interface the KV receiver binds")
+    flag(p, "--zmq-port", type=int, default=0)
+    flag(p, "--advertise-host", default=None, help="host peers dial (default: --zmq-host)")
+    flag(p, "--kv-transfer-dtype", default=None, help="wire dtype: the cache's (default) or int8")
+    flag(p, "--transfer-deadline-s", type=float, default=30.0)
+    flag(p, "--drain-timeout-s", type=float, default=30.0)
+    flag(p, "--cpus", default=None, help="CPU list to pin to, e.g. 0-3 or 0,2")
+
+
+def parse_cpus(spec: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin_cpus(spec: str | None) -> None:
+    """Own these cores: affinity plus a matching torch thread count."""
+    if spec:
+        cpus = parse_cpus(spec)
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(len(cpus))
+
+
+@dataclass
+class Stats:
+    """What the heartbeat reports; written by the compute thread, read by the event loop."""
+
+    free_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    queued_prefill_tokens: int = 0
+
+
+class WorkerService:
+    def __init__(self, args: argparse.Namespace, role: str) -> None:
+        self.args, self.role = args, role
+        self.worker_id = check_id("--id", args.id) if args.id else new_worker_id(role)
+        self.subjects = subjects_for(args)
+        self.runtime: Runtime = build_runtime(_runtime_config(args))
+        self.stats = Stats()
+        self.draining = False
+        self.gateways: dict[str, str] = {}  # request id -> gateway id (event loop only)
+        self.receiver: KVReceiver | None = None
+        self.sender: KVSender | None = None
+        self.core = self._build_core()
+        self.loop = ComputeLoop(self._step, self.core.has_work, self._on_outputs)
+        self._publish: asyncio.Queue = asyncio.Queue(maxsize=65536)
+        self.nc = None
+
+    def _build_core(self):
+        rt = self.runtime
+        if self.role == "prefill":
+            self.sender = KVSender(rt.fingerprint)
+            return PrefillWorker(rt.engine, self.sender)
+        args = self.args
+        advertise = args.advertise_host or (
+            socket.gethostname() if args.zmq_host == "0.0.0.0" else args.zmq_host
+        )
+        self.receiver = KVReceiver(args.zmq_host, args.zmq_port, advertise_host=advertise)
+        return DecodeWorker(
+            rt.engine,
+            self.receiver,
+            fingerprint=rt.fingerprint,
+            transfer_deadline_s=args.transfer_deadline_s,
+            wire_dtype=args.kv_transfer_dtype,
+        )
+
+    # -- compute thread ---------------------------------------------------------------------
+
+    def _step(self) -> list:
+        outputs = self.core.step()
+        engine, pool = self.runtime.engine, self.runtime.pool
+        self.stats = Stats(
+            free_blocks=pool.num_free,
+            running=len(engine.running),
+            waiting=len(engine.waiting),
+            queued_prefill_tokens=engine.num_queued_prefill_tokens,
+        )
+        return outputs
+
+    # -- event loop -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.nc = await connect_nats(NatsConfig.from_args(self.args), self.worker_id)
+        await self._subscribe()
+        self.loop.start()
+        self._log_start()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._heartbeats(stop))
+            tasks.create_task(self._publisher(stop))
+            await self._until_stopped(stop)
+            await self._drain()
+            stop.set()
+        await self._close()
+
+    async def _until_stopped(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if self.loop.failed is not None:
+                raise SystemExit(f"compute loop failed: {self.loop.failed!r}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+    async def _subscribe(self) -> None:
+        s = self.subjects
+        if self.role == "prefill":
+            await self.nc.subscribe(s.job(self.worker_id), cb=guarded(self._on_job, "prefill job"))
+        else:
+            await self.nc.subscribe(s.admit(self.worker_id), cb=guarded(self._on_admit, "admit"))
+        await self.nc.subscribe(s.abort(self.worker_id), cb=guarded(self._on_abort, "abort"))
+
+    async def _on_admit(self, msg) -> bytes:
+        req = decode(AdmitRequest, msg.data)
+        if self.draining:
+            return error_reply(f"worker {self.worker_id} is draining", 503)
+        local = req.prefill_id is None
+        if local and self.role != "both":
+            return error_reply("this decode worker does not prefill; pick a prefill worker", 400)
+        self.gateways[req.request_id] = req.gateway_id
+        try:
+            fn = self.core.admit_local if local else self.core.admit
+            transfer = await self.loop.call(fn, req.request_id, req.prompt, req.sampling)
+        except AdmitError as err:
+            self.gateways.pop(req.request_id, None)
+            return error_reply(
+                str(err), err.status, kind="rate_limit_error" if err.status == 429 else None
+            )
+        return encode(AdmitReply(request_id=req.request_id, transfer=None if local else transfer))
+
+    async def _on_job(self, msg) -> bytes:
+        req = decode(PrefillJobMsg, msg.data)
+        if self.draining:
+            return error_reply(f"worker {self.worker_id} is draining", 503)
+        self.gateways[req.request_id] = req.gateway_id
+        job = PrefillJob(req.request_id, req.prompt, req.sampling, req.transfer)
+        try:
+            await self.loop.call(self.core.submit, job)
+        except QueueFullError as err:
+            self.gateways.pop(req.request_id, None)
+            return error_reply(str(err), 429, kind="rate_limit_error")
+        except RequestError as err:
+            self.gateways.pop(req.request_id, None)
+            return error_reply(str(err), 400)
+        return encode(JobReply(request_id=req.request_id, accepted=True))
+
+    async def _on_abort(self, msg) -> bytes:
+        req = decode(AbortRequest, msg.data)
+        found = await self.loop.call(self.core.abort, req.request_id)
+        log.info("abort", request_id=req.request_id, reason=req.reason, found=found)
+        return encode(AbortReply(request_id=req.request_id, found=bool(found)))
+
+    def _on_outputs(self, outputs: list) -> None:
+        for out in outputs:
+            chunk = self._chunk(out)
+            if chunk is not None:
+                try:
+                    self._publish.put_nowait(chunk)
+                except asyncio.QueueFull:
+                    log.error("stream_queue_full", request_id=chunk[1].request_id)
+
+    def _chunk(self, out) -> tuple[str, StreamChunk] | None:
+        if isinstance(out, RequestOutput):
+            chunk = _decode_chunk(self.worker_id, out)
+            done = out.finished
+        else:  # PrefillResult: the first token, straight to the gateway
+            chunk = _prefill_chunk(self.worker_id, out)
+            done = True
+        gateway = (
+            self.gateways.pop(chunk.request_id) if done else self.gateways.get(chunk.request_id)
+        )
+        if gateway is None:
+            return None
+        return self.subjects.stream(gateway, chunk.request_id), chunk
+
+    async def _publisher(self, stop: asyncio.Event) -> None:
+        while not (stop.is_set() and self._publish.empty()):
+            try:
+                subject, chunk = await asyncio.wait_for(self._publish.get(), 0.2)
+            except TimeoutError:
+                continue
+            await self.nc.publish(subject, encode(chunk))
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if self.nc.is_connected:
+                await self.nc.publish(self.subjects.heartbeat, encode(self._heartbeat()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+
+    def _heartbeat(self) -> Heartbeat:
+        rt, s = self.runtime, self.stats
+        if s.free_blocks == 0 and not self.core.has_work():
+            s = replace(s, free_blocks=rt.pool.num_free)
+        return Heartbeat(
+            worker_id=self.worker_id,
+            role=self.role,
+            zmq_address=self.receiver.address if self.receiver else "",
+            model=str(self.args.model),
+            fingerprint=rt.fingerprint,
+            block_size=rt.pool.block_size,
+            total_blocks=rt.pool.num_blocks,
+            free_blocks=s.free_blocks,
+            running=s.running,
+            waiting=s.waiting,
+            queued_prefill_tokens=s.queued_prefill_tokens,
+            max_model_len=rt.engine.max_model_len,
+            prefix_hashes=[],
+            sent_at=time.time(),
+            draining=self.draining,
+        )
+
+    async def _drain(self) -> None:
+        """Refuse new work, finish what is held (bounded), then let run() return."""
+        self.draining = True
+        await self.nc.publish(self.subjects.heartbeat, encode(self._heartbeat()))
+        deadline = time.monotonic() + self.args.drain_timeout_s
+        while self.core.has_work() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained", worker_id=self.worker_id, leftover=self.core.has_work())
+
+    async def _close(self) -> None:
+        await self.loop.stop()
+        if self.nc is not None:
+            await self.nc.drain()
+        for endpoint in (self.receiver, self.sender):
+            if endpoint is not None:
+                endpoint.close()
+
+    def _log_start(self) -> None:
+        rt = self.runtime
+        log.info(
+            "worker_ready",
+            worker_id=self.worker_id,
+            role=self.role,
+            model=str(self.args.model),
+            params_m=round(sum(p.numel() for p in rt.model.parameters()) / 1e6, 2),
+            dtype=str(rt.cache.dtype).removeprefix("torch."),
+            kv_blocks=rt.pool.num_blocks,
+            kv_capacity_tokens=rt.capacity_tokens,
+            kv_address=self.receiver.address if self.receiver else None,
+            nats=self.args.nats,
+        )
+
+
+def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
+    return RuntimeConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_memory_gb=args.kv_memory_gb,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+    )
+
+
+def _decode_chunk(worker_id: str, out: RequestOutput) -> StreamChunk:
+    error = None
+    if out.error is not None:
+        error = ErrorBody(message=out.error, type="server_error", code=500, param=None)
+    return StreamChunk(
+        request_id=out.request_id,
+        worker_id=worker_id,
+        index=out.index,
+        token_ids=list(out.new_token_ids),
+        finish_reason=out.finish_reason if out.finished else None,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=0,
+        error=error,
+    )
+
+
+def _prefill_chunk(worker_id: str, result) -> StreamChunk:
+    if result.first_token is None:
+        error = ErrorBody(
+            message=result.error or "prefill failed", type="server_error", code=500, param=None
+        )
+        return StreamChunk(
+            request_id=result.request_id, worker_id=worker_id, index=0, token_ids=[],
+            finish_reason="error", num_prompt_tokens=0, num_cached_tokens=0, error=error,
+        )  # fmt: skip
+    return StreamChunk(
+        request_id=result.request_id, worker_id=worker_id, index=0,
+        token_ids=[result.first_token], finish_reason=None, num_prompt_tokens=0,
+        num_cached_tokens=0, error=None,
+    )  # fmt: skip
+
+
+def main(args: argparse.Namespace, role: str) -> int:
+    pin_cpus(args.cpus)
+    service = WorkerService(args, role)
+    return run_service(args, service.run)

@@ -1,0 +1,735 @@
+"""The gateway's pure core: OpenAI request validation, response shapes, SSE framing, the
+streaming detokenizer with stop strings, and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from disagg.services.gateway.detok import StreamDetokenizer
+from disagg.services.gateway.metrics import GatewayMetrics
+from disagg.services.gateway.openai import (
+    SSE_DONE,
+    APIError,
+    GenerationRequest,
+    ParseContext,
+    StreamAssembler,
+    authentication_failed,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    gateway_timeout,
+    model_not_found,
+    models_response,
+    parse_chat,
+    parse_completion,
+    payload_too_large,
+    queue_full,
+    service_unavailable,
+    sse,
+    usage,
+    usage_chunk,
+)
+from disagg.shared.sampling import SamplingParams
+from disagg.shared.tokenizer import Tokenizer
+
+MAX_MODEL_LEN = 64
+DELETE = object()  # marks a field to remove from the base body
+
+
+@pytest.fixture(scope="module")
+def tok(checkpoints) -> Tokenizer:
+    return Tokenizer(checkpoints(arch="llama"))
+
+
+@pytest.fixture(scope="module")
+def ctx(tok) -> ParseContext:
+    return ParseContext(
+        served_models=("tiny", "tiny-alias"),
+        tokenizer=tok,
+        max_model_len=MAX_MODEL_LEN,
+        max_prompt_chars=500,
+    )
+
+
+def completion_body(**fields) -> dict:
+    return _merge({"model": "tiny", "prompt": "Hello", "max_tokens": 4}, fields)
+
+
+def chat_body(**fields) -> dict:
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    return _merge(base, fields)
+
+
+def _merge(base: dict, fields: dict) -> dict:
+    body = base | fields
+    return {k: v for k, v in body.items() if v is not DELETE}
+
+
+def parse(kind: str, body, ctx: ParseContext) -> GenerationRequest:
+    return (parse_completion if kind == "completion" else parse_chat)(body, ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: each bad field gives the right status, type and param.
+
+BAD_COMMON = [
+    ("model", "nope", 404, "not_found_error"),
+    ("model", 7, 400, "invalid_request_error"),
+    ("max_tokens", 0, 400, "invalid_request_error"),
+    ("max_tokens", -3, 400, "invalid_request_error"),
+    ("max_tokens", "5", 400, "invalid_request_error"),
+    ("max_tokens", 5.0, 400, "invalid_request_error"),
+    ("max_tokens", True, 400, "invalid_request_error"),
+    ("temperature", -0.1, 400, "invalid_request_error"),
+    ("temperature", 2.5, 400, "invalid_request_error"),
+    ("temperature", "1", 400, "invalid_request_error"),
+    ("temperature", True, 400, "invalid_request_error"),
+    ("temperature", math.nan, 400, "invalid_request_error"),
+    ("top_p", 0, 400, "invalid_request_error"),
+    ("top_p", 1.5, 400, "invalid_request_error"),
+    ("top_k", -2, 400, "invalid_request_error"),
+    ("top_k", 2.5, 400, "invalid_request_error"),
+    ("seed", "1", 400, "invalid_request_error"),
+    ("seed", 2**63, 400, "invalid_request_error"),
+    ("seed", 1.0, 400, "invalid_request_error"),
+    ("stop", 5, 400, "invalid_request_error"),
+    ("stop", ["a", 1], 400, "invalid_request_error"),
+    ("stop", ["a", "b", "c", "d", "e"], 400, "invalid_request_error"),
+    ("stop", [""], 400, "invalid_request_error"),
+    ("stop", ["x" * 201], 400, "invalid_request_error"),
+    ("stop_token_ids", [384], 400, "invalid_request_error"),
+    ("stop_token_ids", [-1], 400, "invalid_request_error"),
+    ("stop_token_ids", "1", 400, "invalid_request_error"),
+    ("stop_token_ids", [1.5], 400, "invalid_request_error"),
+    ("stop_token_ids", list(range(65)), 400, "invalid_request_error"),
+    ("ignore_eos", "yes", 400, "invalid_request_error"),
+    ("ignore_eos", 1, 400, "invalid_request_error"),
+    ("n", 2, 400, "invalid_request_error"),
+    ("n", 0, 400, "invalid_request_error"),
+    ("n", True, 400, "invalid_request_error"),
+    ("stream", "true", 400, "invalid_request_error"),
+    ("stream", 1, 400, "invalid_request_error"),
+    ("stream_options", {"include_usage": True}, 400, "invalid_request_error"),
+    ("return_token_ids", 1, 400, "invalid_request_error"),
+    ("best_of", 2, 400, "invalid_request_error"),
+    ("logit_bias", {"1": 5}, 400, "invalid_request_error"),
+    ("presence_penalty", 0.5, 400, "invalid_request_error"),
+    ("frequency_penalty", False, 400, "invalid_request_error"),
+    ("response_format", {"type": "json_object"}, 400, "invalid_request_error"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], 400, "invalid_request_error"),
+]
+BAD_COMPLETION = [
+    ("prompt", DELETE, "prompt"),
+    ("prompt", 5, "prompt"),
+    ("prompt", "", "prompt"),
+    ("prompt", [], "prompt"),
+    ("prompt", ["a", "b"], "prompt"),
+    ("prompt", [[1, 2], [3]], "prompt"),
+    ("prompt", [1, "a"], "prompt"),
+    ("prompt", [1, 384], "prompt"),
+    ("prompt", [-1], "prompt"),
+    ("prompt", [True], "prompt"),
+    ("prompt", [[1, "a"]], "prompt"),
+    ("prompt", "a" * 501, "prompt"),
+    ("logprobs", 1, "logprobs"),
+    ("echo", "yes", "echo"),
+    ("suffix", "end", "suffix"),
+]
+BAD_CHAT = [
+    ("messages", DELETE, "messages"),
+    ("messages", "hi", "messages"),
+    ("messages", [], "messages"),
+    ("messages", ["hi"], "messages[0]"),
+    ("messages", [{"role": "robot", "content": "x"}], "messages[0].role"),
+    ("messages", [{"content": "x"}], "messages[0].role"),
+    ("messages", [{"role": 1, "content": "x"}], "messages[0].role"),
+    ("messages", [{"role": "user"}], "messages[0].content"),
+    ("messages", [{"role": "user", "content": 5}], "messages[0].content"),
+    ("messages", [{"role": "user", "content": [{"type": "image_url"}]}], None),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": 5}]}], None),
+    ("messages", [{"role": "user", "content": "x", "name": 3}], "messages[0].name"),
+    ("messages", [{"role": "user", "content": "a" * 501}], "messages"),
+    ("max_completion_tokens", 0, "max_completion_tokens"),
+    ("logprobs", True, "logprobs"),
+    ("top_logprobs", 2, "top_logprobs"),
+    ("echo", True, "echo"),
+    ("add_generation_prompt", "no", "add_generation_prompt"),
+]
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+@pytest.mark.parametrize(("name", "value", "status", "type_"), BAD_COMMON)
+def test_bad_common_field(ctx, kind, name, value, status, type_):
+    body = (completion_body if kind == "completion" else chat_body)(**{name: value})
+    with pytest.raises(APIError) as info:
+        parse(kind, body, ctx)
+    assert (info.value.status, info.value.type, info.value.param) == (status, type_, name)
+
+
+@pytest.mark.parametrize(("name", "value", "param"), BAD_COMPLETION)
+def test_bad_completion_field(ctx, name, value, param):
+    with pytest.raises(APIError) as info:
+        parse_completion(completion_body(**{name: value}), ctx)
+    assert (info.value.status, info.value.type, info.value.param) == (
+        400,
+        "invalid_request_error",
+        param,
+    )
+
+
+@pytest.mark.parametrize(("name", "value", "param"), BAD_CHAT)
+def test_bad_chat_field(ctx, name, value, param):
+    with pytest.raises(APIError) as info:
+        parse_chat(chat_body(**{name: value}), ctx)
+    err = info.value
+    assert (err.status, err.type) == (400, "invalid_request_error")
+    if param is None:  # content parts: the param names the part; check the prefix
+        assert err.param.startswith("messages[0].content[0]")
+    else:
+        assert err.param == param
+
+
+@pytest.mark.parametrize("body", [[], "text", None, 3, [{"prompt": "x"}]])
+def test_body_must_be_an_object(ctx, body):
+    for kind in ("completion", "chat"):
+        with pytest.raises(APIError) as info:
+            parse(kind, body, ctx)
+        assert info.value.status == 400 and "JSON object" in info.value.message
+
+
+def test_stream_options_checked_inside(ctx):
+    with pytest.raises(APIError) as info:
+        parse_chat(chat_body(stream=True, stream_options={"include_usage": "yes"}), ctx)
+    assert info.value.param == "stream_options.include_usage"
+    with pytest.raises(APIError) as info:
+        parse_chat(chat_body(stream=True, stream_options=[]), ctx)
+    assert info.value.param == "stream_options"
+
+
+def test_batch_prompt_message_says_why(ctx):
+    with pytest.raises(APIError) as info:
+        parse_completion(completion_body(prompt=["one", "two"]), ctx)
+    assert "one prompt per request" in info.value.message
+
+
+def test_model_not_found_message(ctx):
+    with pytest.raises(APIError) as info:
+        parse_completion(completion_body(model="gpt-4"), ctx)
+    assert info.value.body() == {
+        "error": {
+            "message": "The model `gpt-4` does not exist.",
+            "type": "not_found_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+
+
+NEUTRAL = {
+    "logprobs": None,
+    "best_of": 1,
+    "logit_bias": {},
+    "presence_penalty": 0,
+    "frequency_penalty": 0.0,
+    "response_format": {"type": "text"},
+    "tools": [],
+    "tool_choice": "none",
+    "n": 1,
+    "user": "someone",
+    "some_unknown_extension": {"x": 1},
+    "stop": None,
+    "seed": None,
+}
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_neutral_and_unknown_fields_accepted(ctx, kind):
+    body = (completion_body if kind == "completion" else chat_body)(**NEUTRAL)
+    req = parse(kind, body, ctx)
+    assert req.params.max_tokens == 4 and req.stop == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Good bodies
+
+
+def test_completion_parses_every_field(ctx, tok):
+    body = completion_body(
+        prompt="The river",
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=20,
+        seed=-5,
+        stop=["\n", "END", "\n"],
+        stop_token_ids=[381, 5],
+        ignore_eos=True,
+        stream=True,
+        stream_options={"include_usage": True},
+        return_token_ids=True,
+        echo=True,
+    )
+    req = parse_completion(body, ctx, request_id="cmpl-abc", created=1700000000)
+    assert req.params == SamplingParams(
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=20,
+        seed=-5,
+        stop_token_ids=(381, 5),
+        ignore_eos=True,
+    )
+    assert req.prompt_token_ids == tok.encode("The river")
+    assert req.stop == ["\n", "END"]
+    assert (req.stream, req.include_usage, req.return_token_ids) == (True, True, True)
+    assert (req.request_id, req.created, req.kind, req.model) == (
+        "cmpl-abc",
+        1700000000,
+        "completion",
+        "tiny",
+    )
+    assert req.echo_prompt_text == "The river"
+
+
+def test_completion_defaults(ctx, tok):
+    req = parse_completion({"prompt": "Hello"}, ctx)
+    assert req.model == "tiny"  # the first served name
+    assert req.params == SamplingParams(max_tokens=16, temperature=1.0)
+    assert req.request_id.startswith("cmpl-") and len(req.request_id) > 10
+    assert (req.stream, req.include_usage, req.return_token_ids) == (False, False, False)
+    assert req.echo_prompt_text is None and req.created > 0
+
+
+@pytest.mark.parametrize(
+    "prompt", [[71, 72, 383], [[71, 72, 383]], ["hi<|im_end|>"], "hi<|im_end|>"]
+)
+def test_completion_prompt_forms(ctx, tok, prompt):
+    req = parse_completion(completion_body(prompt=prompt, echo=True), ctx)
+    assert req.prompt_token_ids == [71, 72, 383]
+    assert req.echo_prompt_text in ("hi", "hi<|im_end|>")  # ids decode without specials
+
+
+def test_top_k_minus_one_and_zero_mean_off(ctx):
+    for top_k in (-1, 0):
+        assert parse_completion(completion_body(top_k=top_k), ctx).params.top_k == 0
+
+
+def test_integer_temperature_is_a_number(ctx):
+    assert parse_completion(completion_body(temperature=1), ctx).params.temperature == 1.0
+
+
+def test_chat_applies_template(ctx, tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "ok", "name": "ann"},
+    ]
+    req = parse_chat(chat_body(messages=messages, max_tokens=DELETE), ctx)
+    expected = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\na\nb<|im_end|>\n"
+        "<|im_start|>assistant\n<|im_end|>\n<|im_start|>user\nok<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert req.prompt_token_ids == tok.encode(expected, add_special_tokens=False)
+    assert tok.decode(req.prompt_token_ids, skip_special_tokens=False) == expected
+    # No max_tokens: fill the context window, as vLLM does.
+    assert req.params.max_tokens == MAX_MODEL_LEN - len(req.prompt_token_ids)
+    assert req.request_id.startswith("chatcmpl-") and req.kind == "chat"
+
+
+def test_chat_without_generation_prompt(ctx, tok):
+    req = parse_chat(chat_body(add_generation_prompt=False), ctx)
+    assert tok.decode(req.prompt_token_ids, skip_special_tokens=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n"
+    )
+
+
+def test_chat_max_completion_tokens_wins(ctx):
+    req = parse_chat(chat_body(max_tokens=9, max_completion_tokens=3), ctx)
+    assert req.params.max_tokens == 3
+
+
+def test_default_max_tokens_cap(ctx):
+    capped = ParseContext(("tiny",), ctx.tokenizer, MAX_MODEL_LEN, default_max_tokens=5)
+    assert parse_chat(chat_body(max_tokens=DELETE), capped).params.max_tokens == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Context length
+
+
+def test_context_length_boundary_chat(ctx):
+    prompt_len = len(parse_chat(chat_body(), ctx).prompt_token_ids)
+    room = MAX_MODEL_LEN - prompt_len
+    assert parse_chat(chat_body(max_tokens=room), ctx).params.max_tokens == room
+    with pytest.raises(APIError) as info:
+        parse_chat(chat_body(max_tokens=room + 1), ctx)
+    err = info.value
+    assert (err.status, err.param, err.code) == (400, "messages", "context_length_exceeded")
+    assert err.message == (
+        f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
+        f"requested {MAX_MODEL_LEN + 1} tokens ({prompt_len} in the messages, {room + 1} in "
+        "the completion). Please reduce the length of the messages or completion."
+    )
+
+
+def test_context_length_completion(ctx, tok):
+    prompt = "The river ran past the old mill " * 3
+    n = len(tok.encode(prompt))
+    with pytest.raises(APIError) as info:
+        parse_completion(completion_body(prompt=prompt, max_tokens=MAX_MODEL_LEN), ctx)
+    assert info.value.param == "prompt"
+    assert "maximum context length is 64 tokens" in info.value.message
+    assert f"({n} in your prompt; {MAX_MODEL_LEN} for the completion)" in info.value.message
+
+
+def test_prompt_alone_too_long(ctx):
+    with pytest.raises(APIError) as info:
+        parse_chat(chat_body(messages=[{"role": "user", "content": "a b " * 40}]), ctx)
+    assert "maximum context length" in info.value.message
+    with pytest.raises(APIError) as info:
+        parse_completion(completion_body(prompt=[1] * MAX_MODEL_LEN, max_tokens=DELETE), ctx)
+    assert "maximum context length" in info.value.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_error_helpers():
+    cases = [
+        (authentication_failed(), 401, "authentication_error"),
+        (payload_too_large(1024), 413, "invalid_request_error"),
+        (queue_full(3), 429, "rate_limit_error"),
+        (service_unavailable("no decode worker"), 503, "service_unavailable_error"),
+        (gateway_timeout("no first token in 30 s"), 504, "timeout_error"),
+        (model_not_found("m"), 404, "not_found_error"),
+    ]
+    for err, status, type_ in cases:
+        assert (err.status, err.type) == (status, type_)
+        assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+        json.dumps(err.body())
+    assert queue_full(3).headers == {"Retry-After": "3"}
+    assert authentication_failed().headers == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def make_request(ctx, kind="chat", **fields) -> GenerationRequest:
+    body = (completion_body if kind == "completion" else chat_body)(**fields)
+    return parse(kind, body, ctx) if kind == "chat" else parse_completion(body, ctx)
+
+
+def test_usage_shape():
+    assert usage(10, 5, cached_tokens=8) == {
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "total_tokens": 15,
+        "prompt_tokens_details": {"cached_tokens": 8},
+    }
+
+
+def test_completion_response_shape(ctx):
+    req = make_request(ctx, "completion")
+    body = completion_response(req, " world", "length", usage(1, 4))
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert (body["id"], body["object"], body["model"]) == (
+        req.request_id,
+        "text_completion",
+        "tiny",
+    )
+    assert body["choices"] == [
+        {"index": 0, "text": " world", "logprobs": None, "finish_reason": "length"}
+    ]
+
+
+def test_completion_response_token_ids_and_echo(ctx):
+    req = make_request(ctx, "completion", return_token_ids=True, echo=True)
+    choice = completion_response(req, "!", "stop", usage(1, 1), [5])["choices"][0]
+    assert choice["text"] == "Hello!"
+    assert (choice["prompt_token_ids"], choice["token_ids"]) == (req.prompt_token_ids, [5])
+
+
+def test_chat_response_shape(ctx):
+    req = make_request(ctx, return_token_ids=True)
+    body = chat_response(req, "Hi there", "stop", usage(3, 2), [7, 8])
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi there"}
+    assert body["choices"][0]["token_ids"] == [7, 8]
+    assert body["prompt_token_ids"] == req.prompt_token_ids
+    plain = chat_response(make_request(ctx), "x", "stop", usage(1, 1))
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+
+
+def test_chunk_shapes(ctx):
+    chat = make_request(ctx, stream=True, stream_options={"include_usage": True})
+    first = chat_chunk(chat, "He", first=True)
+    assert first["object"] == "chat.completion.chunk" and first["usage"] is None
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "He"}
+    assert chat_chunk(chat, "llo")["choices"][0]["delta"] == {"content": "llo"}
+    last = chat_chunk(chat, "", "stop")
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "stop"
+    tail = usage_chunk(chat, usage(3, 2))
+    assert tail["choices"] == [] and tail["usage"]["total_tokens"] == 5
+    comp = make_request(ctx, "completion", stream=True, return_token_ids=True)
+    chunk = completion_chunk(comp, "x", None, [4], first=True)
+    assert chunk["object"] == "text_completion" and "usage" not in chunk
+    assert chunk["choices"][0]["prompt_token_ids"] == comp.prompt_token_ids
+    assert "prompt_token_ids" not in completion_chunk(comp, "y", None, [5])["choices"][0]
+
+
+def test_models_response():
+    body = models_response(["a", "b"], created=5, max_model_len=64)
+    assert body["object"] == "list"
+    assert body["data"][0] == {
+        "id": "a",
+        "object": "model",
+        "created": 5,
+        "owned_by": "disagg",
+        "max_model_len": 64,
+    }
+
+
+def test_sse_framing():
+    frame = sse({"text": "line\nbreak ✓", "n": 1})
+    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+    assert frame.count(b"\n") == 2  # newlines inside the JSON are escaped
+    assert json.loads(frame[len(b"data: ") : -2]) == {"text": "line\nbreak ✓", "n": 1}
+    assert "✓".encode() in frame
+    assert SSE_DONE == b"data: [DONE]\n\n"
+
+
+def test_stream_assembler_chat(ctx):
+    req = make_request(
+        ctx, stream=True, stream_options={"include_usage": True}, return_token_ids=True
+    )
+    stream = StreamAssembler(req)
+    assert stream.delta("", [1]) == []  # held-back text: no content-less chunk
+    (first,) = stream.delta("Hel", [2])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
+    assert first["choices"][0]["token_ids"] == [1, 2]
+    assert first["prompt_token_ids"] == req.prompt_token_ids
+    (second,) = stream.delta("lo", [3])
+    assert "prompt_token_ids" not in second and second["choices"][0]["token_ids"] == [3]
+    done, tail = stream.finish("stop", usage(len(req.prompt_token_ids), 4), "", [4])
+    assert done["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+        "token_ids": [4],
+    }
+    assert tail["choices"] == [] and tail["usage"]["completion_tokens"] == 4
+
+
+def test_stream_assembler_empty_output(ctx):
+    req = make_request(ctx, stream=True)
+    (only,) = StreamAssembler(req).finish("stop", usage(1, 1))
+    assert only["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    comp = make_request(ctx, "completion", stream=True, echo=True)
+    (only,) = StreamAssembler(comp).finish("length", usage(1, 1), " x")
+    assert only["choices"][0]["text"] == "Hello x"
+
+
+# ---------------------------------------------------------------------------------------------
+# Detokenizer
+
+
+def feed(tok, text_or_ids, stop=(), batch=1, prompt=None):
+    ids = tok.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
+    det = StreamDetokenizer(tok, list(stop), prompt)
+    deltas = [det.push(ids[i : i + batch]) for i in range(0, len(ids), batch)]
+    deltas.append(det.flush())
+    return det, deltas
+
+
+def test_multibyte_split_across_tokens(tok):
+    text = "héllo ✓ 日本"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the premise: bytes are split
+    det, deltas = feed(tok, ids)
+    assert "".join(d.text for d in deltas) == text
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert det.num_tokens == len(ids) and not det.stopped
+
+
+def test_incomplete_utf8_at_end_is_flushed_like_decode(tok):
+    ids = tok.encode("ok 日")[:-1]  # cut inside the character
+    det, deltas = feed(tok, ids)
+    assert all("\ufffd" not in d.text for d in deltas[:-1])
+    assert "".join(d.text for d in deltas) == tok.decode(ids)
+
+
+def test_stop_at_token_boundary(tok):
+    # 'he' 'll' 'o' ' wor' 'ld'
+    det, deltas = feed(tok, "hello world", stop=[" wor"])
+    assert "".join(d.text for d in deltas) == "hello"
+    assert det.stopped and det.matched_stop == " wor" and det.num_tokens == 4
+
+
+def test_stop_inside_a_token(tok):
+    det, deltas = feed(tok, "hello world", stop=["l"])
+    assert "".join(d.text for d in deltas) == "he"
+    assert det.stopped and det.num_tokens == 2
+
+
+def test_stop_spanning_tokens(tok):
+    det, deltas = feed(tok, "hello world", stop=["lo wo"])
+    assert "".join(d.text for d in deltas) == "hel"
+    assert deltas[3].stopped and det.num_tokens == 4
+
+
+def test_stop_never_emitted_and_later_tokens_dropped(tok):
+    ids = tok.encode("hello world")
+    det = StreamDetokenizer(tok, ["o w"])
+    out = det.push(ids)  # one batch: the ids after the stopping one are not counted
+    assert out.stopped and out.text == "hell" and out.token_ids == ids[:4]
+    assert det.push([5, 6]).text == "" and det.num_tokens == 4
+    assert det.flush().text == ""
+
+
+def test_partial_stop_held_back_then_released(tok):
+    # 'he' 'll' 'o': the last "l", then "lo", may start the stop "lox": held, then flushed.
+    det = StreamDetokenizer(tok, ["lox"])
+    texts = [det.push([i]).text for i in tok.encode("hello")]
+    assert texts == ["he", "l", ""]
+    assert det.flush().text == "lo" and not det.stopped
+
+
+def test_partial_stop_released_when_disambiguated(tok):
+    det = StreamDetokenizer(tok, ["o x"])
+    texts = [det.push([i]).text for i in tok.encode("hello world")]
+    # 'o' is held after 'll', ' wor' shows it was not "o x".
+    assert texts == ["he", "ll", "", "o wor", "ld"]
+
+
+def test_first_completed_stop_wins(tok):
+    # Both stops are in the text; "ll" completes first although "hello" starts earlier.
+    det, deltas = feed(tok, "hello world", stop=["hello", "ll"], batch=5)
+    assert "".join(d.text for d in deltas) == "he" and det.matched_stop == "ll"
+
+
+def test_final_stop_token_text_not_output(tok):
+    ids = tok.encode("hello")
+    det = StreamDetokenizer(tok, [])
+    out = det.push(ids, final_token_is_stop=True)
+    assert out.text == "hell" and det.num_tokens == 3 and out.token_ids == ids
+
+
+def test_special_tokens_skipped_and_prompt_context(tok):
+    prompt = tok.encode("The river")
+    ids = tok.encode(" ran<|endoftext|>")
+    det, deltas = feed(tok, ids, prompt=prompt)
+    assert "".join(d.text for d in deltas) == " ran"
+    # A prompt that ends inside a character is not used as context: the generated bytes that
+    # would complete it decode on their own, as tokenizer.decode(generated ids) does.
+    char = tok.encode("日")
+    generated = char[-1:] + ids
+    det, deltas = feed(tok, generated, prompt=char[:-1])
+    assert "".join(d.text for d in deltas) == tok.decode(generated) == "\ufffd ran"
+
+
+def expected_output(full: str, stops: list[str]) -> tuple[str, bool]:
+    """The reference: `full` cut at the stop occurrence that completes first."""
+    hits = [(full.find(s) + len(s), full.find(s)) for s in stops if s in full]
+    if not hits:
+        return full, False
+    return full[: min(hits)[1]], True
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_concatenation_property(tok, data):
+    vocab = tok.vocab_size
+    ids = data.draw(st.lists(st.integers(0, vocab - 1), max_size=24), label="ids")
+    full = tok.decode(ids)
+    substrings = st.builds(
+        lambda i, n: full[i : i + n], st.integers(0, max(len(full) - 1, 0)), st.integers(1, 6)
+    )
+    stop_text = st.one_of(substrings, st.text(alphabet="elo wr\n日", min_size=1, max_size=3))
+    stops = data.draw(st.lists(stop_text.filter(bool), max_size=3), label="stops")
+    batch = data.draw(st.integers(1, 5), label="batch")
+    prompt = data.draw(st.lists(st.integers(0, vocab - 1), max_size=8), label="prompt")
+    det, deltas = feed(tok, ids, stops, batch, prompt)
+    want, stopped = expected_output(full, stops)
+    assert "".join(d.text for d in deltas) == want
+    assert det.stopped == stopped
+    if not stopped:
+        assert det.num_tokens == len(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+EXPECTED_NAMES = {
+    "disagg:time_to_first_token_seconds_bucket",
+    "disagg:inter_token_latency_seconds_bucket",
+    "disagg:e2e_request_latency_seconds_bucket",
+    "disagg:e2e_request_latency_seconds_count",
+    "disagg:kv_transfer_bytes_bucket",
+    "disagg:kv_transfer_seconds_sum",
+    "disagg:kv_transfer_exposed_seconds_bucket",
+    "disagg:num_requests_running",
+    "disagg:num_requests_waiting",
+    "disagg:kv_blocks_free",
+    "disagg:kv_blocks_total",
+    "disagg:prompt_tokens_total",
+    "disagg:generation_tokens_total",
+    "disagg:request_success_total",
+    "disagg:prefix_cache_queries_total",
+    "disagg:prefix_cache_hits_total",
+}
+
+
+def samples(metrics: GatewayMetrics) -> dict[tuple[str, tuple], float]:
+    text, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+
+def test_metric_names_exposed_exactly():
+    m = GatewayMetrics()
+    m.observe_first_token(0.2)
+    m.observe_inter_token(0.01)
+    m.observe_request_finished(
+        prompt_tokens=10, generation_tokens=5, e2e_s=1.5, finished_reason="stop"
+    )
+    m.observe_kv_transfer(1 << 20, 0.01, 0.002)
+    m.observe_prefix_cache(16, 8)
+    m.set_num_requests(running=2, waiting=1)
+    m.set_worker_blocks("decode-0", "decode", free=90, total=100)
+    got = samples(m)
+    names = {name for name, _ in got}
+    assert names >= EXPECTED_NAMES
+    assert not any(name.endswith("_total_total") for name in names)
+    assert got[("disagg:prompt_tokens_total", ())] == 10
+    assert got[("disagg:request_success_total", (("finished_reason", "stop"),))] == 1
+    assert got[("disagg:kv_blocks_free", (("role", "decode"), ("worker", "decode-0")))] == 90
+    assert got[("disagg:prefix_cache_hits_total", ())] == 8
+
+
+def test_two_gateways_are_independent_and_forget_workers():
+    a, b = GatewayMetrics(), GatewayMetrics()
+    a.observe_prefix_cache(4, 4)
+    a.set_worker_blocks("p0", "prefill", 1, 2)
+    a.set_worker_blocks("p0", "decode", 3, 4)
+    a.set_worker_blocks("d1", "decode", 5, 6)
+    assert samples(b)[("disagg:prefix_cache_queries_total", ())] == 0
+    a.forget_worker("p0")
+    a.forget_worker("never-seen")
+    workers = {dict(labels).get("worker") for name, labels in samples(a) if "kv_blocks" in name}
+    assert workers == {"d1"}
