@@ -55,6 +55,9 @@ def default_model() -> Path:
     return path
 
 
+ROLES = ("prefill", "decode", "worker")
+
+
 def worker_roles(args: argparse.Namespace) -> list[str]:
     if args.mode == "agg":
         return ["worker"] * args.decode
@@ -100,7 +103,16 @@ class Stack:
         self.children.append(Child(name, [*disagg_command(), *argv], log=out or sys.stderr))
 
     def dead_child(self) -> Child | None:
-        return next((c for c in self.children if not c.alive()), None)
+        """A child that died; a worker that drained and exited 0 is let go, not a failure."""
+        for child in list(self.children):
+            if child.alive():
+                continue
+            if child.proc.returncode == 0 and child.name.split("-")[0] in ROLES:
+                log.info("worker_left", name=child.name)
+                self.children.remove(child)
+                continue
+            return child
+        return None
 
     def stop(self) -> None:
         for child in reversed(self.children):

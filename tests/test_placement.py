@@ -417,3 +417,19 @@ def test_property_placement_is_always_valid(
     assert prefill.worker_id not in request.exclude and prefill.worker_id != decode.worker_id
     assert prefill.report.fingerprint == decode.report.fingerprint
     assert prefill.report.block_size == decode.report.block_size
+
+
+def test_a_burst_within_one_heartbeat_spreads_over_decode_workers():
+    table = WorkerTable()
+    for worker_id in ("d1", "d2"):
+        table.update(report(worker_id, role="decode"), now=0.0)
+    table.update(report("p1", role="prefill"), now=0.0)
+    chosen = []
+    for _ in range(6):
+        decision = place(table, PlaceInput(prompt_len=10), PlacementPolicy())
+        table.note_placed(decision, 10)
+        chosen.append(decision.decode_id)
+    assert chosen.count("d1") == 3 and chosen.count("d2") == 3
+    # the next heartbeat replaces the estimate with the worker's own numbers
+    table.update(report("d1", role="decode"), now=1.0)
+    assert table.get("d1").report.running == report("d1", role="decode").running

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ROLES = ("prefill", "decode", "both")
 PLACEMENT_ROLES = ("prefill", "decode")
@@ -140,6 +140,24 @@ class WorkerTable:
         for worker_id in dead:
             del self._workers[worker_id]
         return dead
+
+    def note_placed(self, decision: PlaceDecision, prompt_len: int) -> None:
+        """Count a placement into the workers' last reports until their next heartbeat.
+
+        Reports are up to a heartbeat old; without this, every request of a burst would see the
+        same numbers and land on the same worker.
+        """
+        decode = self._workers.get(decision.decode_id)
+        if decode is not None:
+            r = decode.report
+            free = max(0, r.free_blocks - decode.blocks_for(prompt_len))
+            report = replace(r, free_blocks=free, running=r.running + 1)
+            self._workers[r.worker_id] = replace(decode, report=report)
+        prefill = self._workers.get(decision.prefill_id or "")
+        if prefill is not None:
+            r = prefill.report
+            report = replace(r, queued_prefill_tokens=r.queued_prefill_tokens + prompt_len)
+            self._workers[r.worker_id] = replace(prefill, report=report)
 
     def remove(self, worker_id: str) -> bool:
         """Forget a worker now (it said goodbye); False if it was not known."""

@@ -87,6 +87,7 @@ class SchedulerService:
             decision = place(self.table, request, self.policy)
         except PlacementError as err:
             return _placement_error(err)
+        self.table.note_placed(decision, req.prompt_len)
         log.info(
             "placed",
             request_id=req.request_id,

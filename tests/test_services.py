@@ -1,0 +1,330 @@
+"""The whole stack as a user runs it: `disagg up` (real nats-server, real worker processes), the
+official `openai` client, the NATS JSON API. Greedy tokens must equal transformers'."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nats
+import openai
+import pytest
+
+from disagg.services.procs import Child, NatsServer, disagg_command, free_port
+from tests.conftest import hf_greedy
+
+pytestmark = pytest.mark.slow
+STARTUP_S = 240
+
+
+class Up:
+    """`disagg up` in a child process, stopped by PID at teardown."""
+
+    def __init__(self, model: Path, *extra: str, log_dir: Path | None = None) -> None:
+        self.port, self.nats_port = free_port(), free_port()
+        argv = [*disagg_command(), "up", "--model", str(model), "--port", str(self.port)]
+        argv += ["--nats-port", str(self.nats_port), "--kv-memory-gb", "0.05", "--block-size", "4"]
+        if log_dir is not None:
+            argv += ["--log-dir", str(log_dir)]
+        self.proc = subprocess.Popen(
+            [*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(STARTUP_S):
+            self.stop()
+            raise AssertionError("disagg up did not get ready:\n" + "".join(self.lines[-40:]))
+        self.pids = {n: int(p) for n, p in re.findall(r"(\S+) \(pid (\d+)\)", self.output)}
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("processes:"):
+                self._ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.base_url + "/v1", api_key="none", timeout=120, max_retries=0
+        )
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def blocks(metrics: str, kind: str, role: str) -> dict[str, float]:
+    pattern = rf'disagg:kv_blocks_{kind}{{role="{role}",worker="([^"]+)"}} ([0-9.e+]+)'
+    return {w: float(v) for w, v in re.findall(pattern, metrics)}
+
+
+def assert_decode_pools_full(up: Up, role: str = "decode", timeout: float = 15.0) -> None:
+    """Every decode worker reports free == total (heartbeats lag: wait up to a few beats)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = up.metrics()
+        free, total = blocks(text, "free", role), blocks(text, "total", role)
+        if total and free == total:
+            return
+        assert time.monotonic() < deadline, f"blocks not returned: free {free} total {total}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return checkpoints(arch="llama")
+
+
+@pytest.fixture(scope="module")
+def disagg_stack(model):
+    up = Up(model, "--mode", "disagg")
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def agg_stack(model):
+    up = Up(model, "--mode", "agg")
+    yield up
+    up.stop()
+
+
+def greedy_completion(client: openai.OpenAI, prompt: str, n: int):
+    resp = client.completions.create(
+        model=client.models.list().data[0].id,
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    choice = resp.choices[0]
+    return resp, choice.prompt_token_ids, choice.token_ids
+
+
+@pytest.mark.parametrize("stack", ["disagg_stack", "agg_stack"])
+def test_openai_client_end_to_end(request, model, stack):
+    up: Up = request.getfixturevalue(stack)
+    client = up.client()
+    assert [m.id for m in client.models.list().data] == [model.name]
+    # completions: greedy token ids equal transformers
+    resp, prompt_ids, ids = greedy_completion(client, "The market opened at seven.", 12)
+    assert ids == hf_greedy(model, prompt_ids, 12)[: len(ids)]
+    assert resp.usage.prompt_tokens == len(prompt_ids) and resp.usage.completion_tokens == len(ids)
+    # chat, not streamed
+    chat = client.chat.completions.create(
+        model=model.name,
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    # chat, streamed with usage: the same text as not streamed
+    stream = client.chat.completions.create(
+        model=model.name,
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert_decode_pools_full(up, "decode" if stack == "disagg_stack" else "both")
+
+
+def test_streamed_completion_equals_transformers(disagg_stack, model):
+    client = disagg_stack.client()
+    stream = client.completions.create(
+        model=model.name,
+        prompt=[5, 17, 33, 250, 7, 99, 120, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        extra_body={"return_token_ids": True},
+    )
+    ids = [t for chunk in stream for t in (chunk.choices[0].token_ids or [])]
+    assert (
+        ids
+        == hf_greedy(
+            model, [5, 17, 33, 250, 7, 99, 120, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], 10
+        )[: len(ids)]
+    )
+    assert_decode_pools_full(disagg_stack)
+
+
+async def nats_api(url: str, subject: str, body: dict, timeout: float = 60) -> list[dict]:
+    """Request on the NATS API; for a stream, collect chunks until {"done": true}."""
+    nc = await nats.connect(url)
+    try:
+        if not body.get("stream"):
+            msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+            return [json.loads(msg.data)]
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
+        out = []
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            data = json.loads(msg.data)
+            if data.get("done"):
+                return out
+            out.append(data)
+    finally:
+        await nc.close()
+
+
+def test_nats_api_same_tokens(disagg_stack, model):
+    body = {"model": model.name, "prompt": "She opened the window", "max_tokens": 8, "temperature": 0,
+            "return_token_ids": True}  # fmt: skip
+    (whole,) = asyncio.run(nats_api(disagg_stack.nats_url, "disagg.v1.completions", body))
+    ids = whole["choices"][0]["token_ids"]
+    prompt_ids = whole["choices"][0]["prompt_token_ids"]
+    assert ids == hf_greedy(model, prompt_ids, 8)[: len(ids)]
+    chunks = asyncio.run(
+        nats_api(disagg_stack.nats_url, "disagg.v1.completions", body | {"stream": True})
+    )
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == ids
+    chat = {"model": model.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0}  # fmt: skip
+    (reply,) = asyncio.run(nats_api(disagg_stack.nats_url, "disagg.v1.chat.completions", chat))
+    assert reply["object"] == "chat.completion"
+    (bad,) = asyncio.run(
+        nats_api(disagg_stack.nats_url, "disagg.v1.completions", {"model": "nope", "prompt": "x"})
+    )
+    assert bad["error"]["type"] == "not_found_error"
+    assert_decode_pools_full(disagg_stack)
+
+
+def post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_bad_requests_get_openai_errors(disagg_stack, model):
+    url = disagg_stack.base_url + "/v1/completions"
+    status, body = post(url, {"model": "gpt-17", "prompt": "hi"})
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    status, body = post(url, {"model": model.name, "prompt": "hi", "temperature": "hot"})
+    assert status == 400 and body["error"]["param"] == "temperature"
+    status, body = post(
+        url, {"model": model.name, "prompt": list(range(5, 380)) * 3, "max_tokens": 4}
+    )
+    assert status == 400 and "maximum context length" in body["error"]["message"]
+    status, body = post(url, b"{not json")
+    assert status == 400 and "error" in body
+    assert_decode_pools_full(disagg_stack)
+
+
+def test_no_worker_of_a_role_is_503(model, tmp_path):
+    """Only a decode worker: nothing can prefill, so /health and requests answer 503."""
+    server = NatsServer().start()
+    port = free_port()
+    common = ["--nats", server.url]
+    children = [
+        Child("scheduler", [*disagg_command(), "scheduler", *common]),
+        Child(
+            "decode",
+            [*disagg_command(), "decode", *common, "--model", str(model), "--kv-memory-gb", "0.05"],
+        ),
+        Child(
+            "gateway",
+            [*disagg_command(), "gateway", *common, "--model", str(model), "--port", str(port)],
+        ),
+    ]
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    raise AssertionError("healthy without a prefill worker")
+            except urllib.error.HTTPError as err:
+                assert err.code == 503
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "gateway never answered"
+                time.sleep(0.5)
+        time.sleep(2.5)  # the decode worker's heartbeats have arrived by now
+        status, body = post(base + "/v1/completions", {"model": model.name, "prompt": "hi"})
+        assert status == 503 and body["error"]["type"] == "service_unavailable"
+    finally:
+        for child in reversed(children):
+            child.stop()
+        server.stop()
+
+
+def test_two_pairs_spread_and_sigterm_drains(model, tmp_path):
+    up = Up(model, "--prefill", "2", "--decode", "2", log_dir=tmp_path)
+    try:
+        client = up.client()
+        prompts = [[7 + i, 20, 30 + i, 40, 50, 60 + i, 70, 80] for i in range(8)]
+
+        def run(prompt):
+            return (
+                client.completions.create(
+                    model=model.name,
+                    prompt=prompt,
+                    max_tokens=24,
+                    temperature=0,
+                    extra_body={"return_token_ids": True},
+                )
+                .choices[0]
+                .token_ids
+            )
+
+        with ThreadPoolExecutor(8) as pool:
+            first = list(pool.map(run, prompts))
+        placed = (tmp_path / "scheduler.log").read_text()
+        assert len(set(re.findall(r"decode=(decode-\S+)", placed))) == 2
+        assert len(set(re.findall(r"prefill=(prefill-\S+)", placed))) == 2
+        # SIGTERM one decode worker while requests stream through both: none is lost.
+        victim = next(pid for name, pid in up.pids.items() if name.startswith("decode"))
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(run, p) for p in prompts]
+            time.sleep(1.0)
+            subprocess.run(["kill", "-TERM", str(victim)], check=True)
+            second = [f.result(timeout=180) for f in futures]
+        assert second == first
+        for prompt, ids in zip(prompts, second):
+            assert ids == hf_greedy(model, prompt, 24)[: len(ids)]
+        assert up.proc.poll() is None, "disagg up must survive a worker that drained"
+        assert_decode_pools_full(up)
+    finally:
+        up.stop()
