@@ -126,16 +126,26 @@ def _cpu_list(spec: str | None) -> list[int]:
     return sorted(parse_cpus(spec)) if spec else []
 
 
-def wait_healthy(url: str, stack: Stack, timeout: float) -> None:
+TOTAL_BLOCKS = "disagg:kv_blocks_total{"
+
+
+def wait_ready(base: str, stack: Stack, timeout: float) -> None:
+    """Until /health is 200 and the gateway has heard from every worker this stack started."""
+    workers = len(worker_roles(stack.args))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (dead := stack.dead_child()) is not None:
             raise RuntimeError(f"{dead.name} exited with code {dead.proc.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
-            if resp.status == 200:
+        with contextlib.suppress(OSError):
+            if _get(base + "/health") and _get(base + "/metrics").count(TOTAL_BLOCKS) >= workers:
                 return
         time.sleep(0.25)
-    raise TimeoutError(f"the gateway was not healthy within {timeout} s")
+    raise TimeoutError(f"the stack was not ready within {timeout} s")
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return resp.read().decode()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -159,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, stack: Stack, model: Path, stop: threading.Event) -> int:
     stack.start()
     base = f"http://{args.host}:{args.port}"
-    wait_healthy(base + "/health", stack, args.ready_timeout_s)
+    wait_ready(base, stack, args.ready_timeout_s)
     roles = ", ".join(f"{c.name} (pid {c.pid})" for c in stack.children)
     print(f"disagg is serving {model} at {base}/v1 ({args.mode} mode; NATS {stack.nats.url})")
     print(f"processes: {roles}", flush=True)

@@ -35,4 +35,5 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
 
 
 def get_logger(name: str, **context: object) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name).bind(**context)
+    """A lazy logger: module-level ones pick up `configure_logging` however late it runs."""
+    return structlog.get_logger(name, **context)
