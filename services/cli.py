@@ -54,7 +54,13 @@ def _add_services(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=up.main)
 
 
-SUBCOMMANDS = [_add_services, _add_tiny_model, _add_generate]
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from disagg.services.bench import cli as bench
+
+    bench.add_parser(sub)
+
+
+SUBCOMMANDS = [_add_services, _add_bench, _add_tiny_model, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -244,6 +244,22 @@ class Heartbeat(Message):
 
 
 @dataclass(frozen=True)
+class TransferReport(Message):
+    """A prefill worker's account of one KV transfer, published on ``Subjects.transfer_stats``.
+
+    Times are the sender's: ``seconds`` from the transfer's start to its done frame leaving,
+    ``exposed_seconds`` the part of that after the prompt's compute ended (not hidden by it).
+    """
+
+    request_id: Id
+    worker_id: Id
+    payload_bytes: Count
+    seconds: Annotated[float, Range(0.0, math.inf)]
+    exposed_seconds: Annotated[float, Range(0.0, math.inf)]
+    ok: bool
+
+
+@dataclass(frozen=True)
 class PlaceRequest(Message):
     """Gateway -> scheduler: where should this request run? ``exclude``: workers to avoid."""
 
@@ -524,6 +540,11 @@ class Subjects:
     def heartbeat(self) -> str:
         """Worker heartbeats (publish)."""
         return f"{self.prefix}.worker.heartbeat"
+
+    @property
+    def transfer_stats(self) -> str:
+        """TransferReports from prefill workers (publish), for the gateways' metrics."""
+        return f"{self.prefix}.transfer.stats"
 
     def admit(self, decode_id: str) -> str:
         """A decode worker's admit endpoint."""

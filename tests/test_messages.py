@@ -29,6 +29,7 @@ from disagg.shared.messages import (
     PrefillJob,
     StreamChunk,
     Subjects,
+    TransferReport,
     check_id,
     decode,
     decode_reply,
@@ -118,6 +119,16 @@ EXAMPLES: list[Message] = [
     replace(CHUNK, token_ids=[], finish_reason="error", error=ERROR),
     replace(CHUNK, token_ids=[9], finish_reason="length"),
 ]
+EXAMPLES.append(
+    TransferReport(
+        request_id="r1",
+        worker_id="prefill-1",
+        payload_bytes=1 << 20,
+        seconds=0.5,
+        exposed_seconds=0.001,
+        ok=True,
+    )
+)
 MESSAGE_TYPES = sorted({type(m) for m in EXAMPLES}, key=lambda cls: cls.__name__)
 
 
@@ -141,10 +152,11 @@ def test_round_trip(msg: Message) -> None:
 
 
 def test_round_trip_keeps_nested_types() -> None:
-    job = decode(PrefillJob, encode(EXAMPLES[10]))
+    job = decode(PrefillJob, encode(next(m for m in EXAMPLES if isinstance(m, PrefillJob))))
     assert isinstance(job.sampling, SamplingParams) and job.sampling.stop_token_ids == (2, 13)
     assert isinstance(job.transfer, TransferDescriptor) and job.transfer.block_ids == (4, 9, 1)
-    chunk = decode(StreamChunk, encode(EXAMPLES[-2]))
+    erring = next(m for m in EXAMPLES if isinstance(m, StreamChunk) and m.error is not None)
+    chunk = decode(StreamChunk, encode(erring))
     assert chunk.error == ERROR
 
 
@@ -349,6 +361,7 @@ def test_subjects_exact_names() -> None:
     assert s.chat_completions == "disagg.v1.chat.completions"
     assert s.place == "disagg.sched.place"
     assert s.heartbeat == "disagg.worker.heartbeat"
+    assert s.transfer_stats == "disagg.transfer.stats"
     assert s.admit("decode-1") == "disagg.decode.decode-1.admit"
     assert s.abort("prefill_2") == "disagg.worker.prefill_2.abort"
     assert s.job("prefill-1") == "disagg.prefill.prefill-1.job"

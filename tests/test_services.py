@@ -87,7 +87,7 @@ def blocks(metrics: str, kind: str, role: str) -> dict[str, float]:
     return {w: float(v) for w, v in re.findall(pattern, metrics)}
 
 
-def assert_decode_pools_full(up: Up, role: str = "decode", timeout: float = 15.0) -> None:
+def assert_decode_pools_full(up: Up, role: str = "decode", timeout: float = 30.0) -> None:
     """Every decode worker reports free == total (heartbeats lag: wait up to a few beats)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -162,6 +162,11 @@ def test_openai_client_end_to_end(request, model, stack):
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
     assert chunks[0].choices[0].delta.role == "assistant"
     assert_decode_pools_full(up, "decode" if stack == "disagg_stack" else "both")
+    transfers = re.search(r"^disagg:kv_transfer_bytes_count (\S+)", up.metrics(), re.M)
+    if stack == "disagg_stack":  # every request crossed from prefill to decode, and was counted
+        assert transfers and float(transfers.group(1)) >= 3
+    else:
+        assert transfers is None or float(transfers.group(1)) == 0
 
 
 def test_streamed_completion_equals_transformers(disagg_stack, model):
@@ -311,7 +316,9 @@ def test_two_pairs_spread_and_sigterm_drains(model, tmp_path):
 
         with ThreadPoolExecutor(8) as pool:
             first = list(pool.map(run, prompts))
-        events = [json.loads(line) for line in (tmp_path / "scheduler.log").read_text().splitlines()]
+        events = [
+            json.loads(line) for line in (tmp_path / "scheduler.log").read_text().splitlines()
+        ]
         placed = [e for e in events if e["event"] == "placed"]
         assert len({e["decode"] for e in placed}) == 2
         assert len({e["prefill"] for e in placed}) == 2

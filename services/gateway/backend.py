@@ -33,6 +33,7 @@ from disagg.shared.messages import (
     PrefillJob,
     StreamChunk,
     Subjects,
+    TransferReport,
     decode,
     decode_reply,
     encode,
@@ -113,10 +114,21 @@ class Backend:
         self._hash_block_size = wire_block_size
         self._background: set[asyncio.Task] = set()  # aborts outliving their request
         self.on_heartbeat = None  # optional callback(report) for metrics
+        self.on_transfer = None  # optional callback(TransferReport) for metrics
 
     async def start(self) -> None:
         await self.nc.subscribe(self.subjects.stream_wildcard(self.gateway_id), cb=self._on_chunk)
         await self.nc.subscribe(self.subjects.heartbeat, cb=self._on_heartbeat)
+        await self.nc.subscribe(self.subjects.transfer_stats, cb=self._on_transfer)
+
+    async def _on_transfer(self, msg) -> None:
+        try:
+            report = decode(TransferReport, msg.data)
+        except MessageError as err:
+            log.warning("bad_transfer_report", error=str(err))
+            return
+        if self.on_transfer is not None and report.ok:
+            self.on_transfer(report)
 
     # -- inbound ----------------------------------------------------------------------------
 

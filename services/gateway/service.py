@@ -264,6 +264,9 @@ async def run_gateway(args: argparse.Namespace, stop: asyncio.Event) -> None:
     backend.on_heartbeat = lambda r: metrics.set_worker_blocks(
         r.worker_id, r.role, r.free_blocks, r.total_blocks
     )
+    backend.on_transfer = lambda r: metrics.observe_kv_transfer(
+        r.payload_bytes, r.seconds, r.exposed_seconds
+    )
     await backend.start()
     gateway = Gateway(backend, ctx, metrics, eos_ids, args.max_concurrent_requests)
     await serve_nats_api(nc, gateway, subjects)

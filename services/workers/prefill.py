@@ -96,7 +96,8 @@ class PrefillWorker:
         return True
 
     def has_work(self) -> bool:
-        return self.engine.has_unfinished()
+        """Prompts to run, or transfers whose last frames have not left yet."""
+        return self.engine.has_unfinished() or bool(self._handles)
 
     def step(self) -> list[PrefillResult]:
         """One engine iteration; returns the first tokens sampled (and failures)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +51,14 @@ class Runtime:
         return self.pool.num_blocks * self.pool.block_size
 
 
-def build_runtime(cfg: RuntimeConfig) -> Runtime:
-    """Load the model and size the KV cache (from `num_blocks` or the memory budget)."""
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+def build_runtime(
+    cfg: RuntimeConfig, progress: Callable[[int, int], None] | None = None
+) -> Runtime:
+    """Load the model and size the KV cache (from `num_blocks` or the memory budget).
+
+    `progress(done, total)` is called as weight tensors load.
+    """
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, progress=progress)
     a, dtype = model.args, model.embed_tokens.weight.dtype
     blocks = cfg.num_blocks or num_blocks_for_budget(
         int(cfg.kv_memory_gb * GIB), a.num_layers, cfg.block_size, a.num_kv_heads, a.head_dim, dtype
@@ -73,3 +80,18 @@ def fingerprint_of(folder: Path, model: Transformer) -> str:
     """Model identity for the transfer handshake: architecture fields plus weight names/shapes."""
     config = json.loads((Path(folder) / "config.json").read_text())
     return model_fingerprint(config, expected_shapes(model.args))
+
+
+def tty_progress(label: str) -> Callable[[int, int], None] | None:
+    """A one-line progress bar on stderr when it is a terminal; None otherwise (logs stay JSON)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        filled = 30 * done // total
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show

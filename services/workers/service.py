@@ -30,8 +30,13 @@ from disagg.services.common import (
 )
 from disagg.services.workers.decode import AdmitError, DecodeWorker
 from disagg.services.workers.loop import ComputeLoop
-from disagg.services.workers.prefill import PrefillJob, PrefillWorker, QueueFullError
-from disagg.services.workers.runtime import Runtime, RuntimeConfig, build_runtime
+from disagg.services.workers.prefill import (
+    PrefillJob,
+    PrefillWorker,
+    QueueFullError,
+    SentTransfer,
+)
+from disagg.services.workers.runtime import Runtime, RuntimeConfig, build_runtime, tty_progress
 from disagg.shared.engine import RequestError, RequestOutput
 from disagg.shared.log import get_logger
 from disagg.shared.messages import (
@@ -43,6 +48,7 @@ from disagg.shared.messages import (
     Heartbeat,
     JobReply,
     StreamChunk,
+    TransferReport,
     check_id,
     decode,
     encode,
@@ -106,7 +112,13 @@ class WorkerService:
         self.args, self.role = args, role
         self.worker_id = check_id("--id", args.id) if args.id else new_worker_id(role)
         self.subjects = subjects_for(args)
-        self.runtime: Runtime = build_runtime(_runtime_config(args))
+        started = time.monotonic()
+        self.runtime: Runtime = build_runtime(
+            _runtime_config(args), tty_progress("loading weights")
+        )
+        log.info(
+            "weights_loaded", model=str(args.model), seconds=round(time.monotonic() - started, 2)
+        )
         self.stats = Stats()
         self.draining = False
         self.gateways: dict[str, str] = {}  # request id -> gateway id (event loop only)
@@ -114,7 +126,7 @@ class WorkerService:
         self.sender: KVSender | None = None
         self.core = self._build_core()
         self.loop = ComputeLoop(self._step, self.core.has_work, self._on_outputs)
-        self._publish: asyncio.Queue = asyncio.Queue(maxsize=65536)
+        self._publish: asyncio.Queue = asyncio.Queue(maxsize=65536)  # (subject, message)
         self.nc = None
 
     def _build_core(self):
@@ -139,6 +151,8 @@ class WorkerService:
 
     def _step(self) -> list:
         outputs = self.core.step()
+        if self.role == "prefill":
+            outputs += self.core.poll_sent()
         engine, pool = self.runtime.engine, self.runtime.pool
         self.stats = Stats(
             free_blocks=pool.num_free,
@@ -220,12 +234,27 @@ class WorkerService:
 
     def _on_outputs(self, outputs: list) -> None:
         for out in outputs:
-            chunk = self._chunk(out)
+            chunk = (
+                self._transfer_report(out) if isinstance(out, SentTransfer) else self._chunk(out)
+            )
             if chunk is not None:
                 try:
                     self._publish.put_nowait(chunk)
                 except asyncio.QueueFull:
-                    log.error("stream_queue_full", request_id=chunk[1].request_id)
+                    log.error("publish_queue_full", request_id=chunk[1].request_id)
+
+    def _transfer_report(self, sent: SentTransfer) -> tuple[str, TransferReport]:
+        st = sent.stats
+        ok = sent.error is None and st.done_sent_at == st.done_sent_at  # NaN: never sent
+        report = TransferReport(
+            request_id=sent.request_id,
+            worker_id=self.worker_id,
+            payload_bytes=st.payload_bytes,
+            seconds=max(0.0, st.done_sent_at - st.begun_at) if ok else 0.0,
+            exposed_seconds=max(0.0, st.exposed_s) if ok else 0.0,
+            ok=ok,
+        )
+        return self.subjects.transfer_stats, report
 
     def _chunk(self, out) -> tuple[str, StreamChunk] | None:
         if isinstance(out, RequestOutput):

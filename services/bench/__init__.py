@@ -1,0 +1,1 @@
+"""disagg bench: load generator, side-by-side mode comparison, plots."""

@@ -1,0 +1,251 @@
+"""`disagg bench run` (load generator against a URL) and `disagg bench compare` (the same trace
+through an aggregated and a disaggregated stack, side by side).
+
+Heavy imports (httpx, rich, matplotlib) wait until a bench command runs: this module is imported
+whenever the `disagg` parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from disagg.services.bench.workload import WORKLOADS, WorkloadSpec
+
+COMPARE_DEFAULTS = dict(
+    workload="mixed", input_len=32, output_len=64, long_input_len=512, long_output_len=8,
+    long_every=8, request_rate=1.0, duration_s=60.0, warmup=2, slo="ttft:3000,tpot:250",
+)  # fmt: skip
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `bench` with its subcommands `run` and `compare` to the `disagg` parser."""
+    p = sub.add_parser("bench", help="load generator; aggregated vs disaggregated side by side")
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    run = bench.add_parser("run", help="send a workload to an OpenAI-compatible server")
+    run.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    run.add_argument("--model", default=None, help="model name (default: the server's first)")
+    run.add_argument("--label", default="run", help="name of this run in the table and plots")
+    run.add_argument("--api-key", default=None)
+    _add_trace_args(run, {})
+    run.set_defaults(run=main_run)
+    cmp = bench.add_parser("compare", help="start agg and disagg stacks, same trace, ratios")
+    _add_compare_args(cmp)
+    _add_trace_args(cmp, COMPARE_DEFAULTS)
+    cmp.set_defaults(run=main_compare)
+
+
+def _add_trace_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    d = {**vars(WorkloadSpec()), "warmup": 1, "slo": None} | defaults
+    d["num_prompts"] = defaults.get("num_prompts")
+    d["duration_s"] = defaults.get("duration_s")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--workload", choices=WORKLOADS, default=d["workload"])
+    for name in ("input_len", "output_len", "long_input_len", "long_output_len", "long_every"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name])
+    p.add_argument("--range-ratio", type=float, default=d["range_ratio"], help="random workload")
+    p.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="prompt ids < this")
+    p.add_argument("--dataset", type=Path, default=None, help="ShareGPT JSON (sharegpt workload)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="HF folder: sharegpt, chat")
+    p.add_argument("--request-rate", type=float, default=d["request_rate"], help="Poisson, /s")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--num-prompts", type=int, default=d["num_prompts"], help="default 32")
+    p.add_argument("--duration-s", type=float, default=d["duration_s"], help="stop sending after")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="requests before measuring")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo", default=d["slo"], help="goodput SLOs in ms, e.g. ttft:500,tpot:50")
+    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--plot-dir", type=Path, default=None, help="write PNG plots here")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="HF folder (default: ~100M Llama)")
+    p.add_argument("--modes", default="agg,disagg", help="comma list of agg, disagg")
+    p.add_argument("--prefill", type=int, default=1, help="disagg prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="disagg decode workers (agg: P + D)")
+    p.add_argument("--cpus", default=None, help="worker i gets core i (default: first P + D)")
+    p.add_argument("--kv-memory-gb", type=float, default=0.5)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ready-timeout-s", type=float, default=300.0)
+    p.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="plots and logs")
+
+
+# -- shared -----------------------------------------------------------------------------------
+
+
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    num_prompts = args.num_prompts
+    if num_prompts is None and args.duration_s is None:
+        num_prompts = 32
+    return WorkloadSpec(
+        workload=args.workload, input_len=args.input_len, output_len=args.output_len,
+        range_ratio=args.range_ratio, long_input_len=args.long_input_len,
+        long_output_len=args.long_output_len, long_every=args.long_every,
+        vocab_size=args.vocab_size, request_rate=args.request_rate, num_prompts=num_prompts,
+        duration_s=args.duration_s, seed=args.seed, dataset_path=args.dataset,
+    )  # fmt: skip
+
+
+def load_tokenizer(folder: Path | None):
+    if folder is None:
+        return None
+    from disagg.shared.tokenizer import Tokenizer
+
+    return Tokenizer(folder)
+
+
+def run_config(args: argparse.Namespace, base_url: str, model: str | None):
+    from disagg.services.bench.runner import RunConfig
+
+    return RunConfig(
+        base_url=base_url, endpoint=args.endpoint, model=model,
+        max_concurrency=args.max_concurrency, duration_s=args.duration_s,
+        request_timeout_s=args.request_timeout_s, api_key=getattr(args, "api_key", None),
+    )  # fmt: skip
+
+
+def config_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags, JSON-ready (infinite rate as the string "inf")."""
+    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
+    if math.isinf(out.get("request_rate", 0.0)):
+        out["request_rate"] = "inf"
+    return out
+
+
+class Progress:
+    """A rich progress bar over completed requests (a no-op with --no-progress)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(transient=True)
+
+    def __enter__(self) -> Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def task(self, label: str, total: int | None):
+        """A callback that advances a new bar by one per finished request."""
+        if self.bar is None:
+            return None
+        task = self.bar.add_task(label, total=total)
+        return lambda _rec: self.bar.advance(task)
+
+
+def _stop_on_sigterm() -> None:
+    # SIGTERM unwinds like Ctrl-C, so every `finally` (and so every stack stop) runs.
+    def handler(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+def main_run(args: argparse.Namespace) -> int:
+    """`disagg bench run`: send the trace to --url, print the table, write JSON and plots."""
+    from disagg.services.bench import report
+    from disagg.services.bench.metrics import parse_slos
+    from disagg.services.bench.runner import run_trace
+    from disagg.services.bench.workload import make_trace, warmup_trace
+
+    slos, spec = parse_slos(args.slo), workload_spec(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    trace, warmup = make_trace(spec, tokenizer), warmup_trace(spec, args.warmup)
+    detok = tokenizer.decode if tokenizer is not None else None
+    with Progress(not args.no_progress) as progress:
+        on_done = progress.task(args.label, len(trace))
+        cfg = run_config(args, args.url, args.model)
+        coro = run_trace(cfg, trace, warmup=warmup, detokenize=detok, on_done=on_done)
+        result = asyncio.run(coro)
+    doc = report.result_document(result.records, slos, config_of(args) | {"model": result.model})
+    report.print_table(report.render_table({args.label: doc}, title=f"disagg bench {args.url}"))
+    _write_outputs(args, doc, {args.label: (result.records, result.started_at)})
+    return 0 if doc["completed"] else 1
+
+
+def _write_outputs(args: argparse.Namespace, doc: dict, runs: dict) -> None:
+    from disagg.services.bench import report
+
+    if args.json is not None:
+        report.write_json(args.json, doc)
+        print(f"results: {args.json}")
+    if args.plot_dir is not None:
+        paths = report.write_plots(runs, args.plot_dir, prefix="")
+        print("plots: " + ", ".join(map(str, paths)))
+
+
+# -- compare ----------------------------------------------------------------------------------
+
+
+def main_compare(args: argparse.Namespace) -> int:
+    """`disagg bench compare`: one stack per mode, the same trace, ratios disagg / agg."""
+    from disagg.services.bench import compare, report
+    from disagg.services.bench.checkpoint import bench_checkpoint
+    from disagg.services.bench.metrics import parse_slos
+    from disagg.services.bench.workload import make_trace, warmup_trace
+
+    _stop_on_sigterm()
+    modes, slos, spec = compare.parse_modes(args.modes), parse_slos(args.slo), workload_spec(args)
+    model = args.model or bench_checkpoint()
+    tokenizer = load_tokenizer(args.tokenizer or model)
+    trace, warmup = make_trace(spec, tokenizer), warmup_trace(spec, args.warmup)
+    stack = compare.stack_config(args, model)
+    print(_describe(args, stack, trace), flush=True)
+    results = _run_modes(args, modes, stack, trace, warmup)
+    config = config_of(args) | {"model": str(model), "cpus": stack.cpus}
+    docs = {m: report.result_document(r.records, slos, config) for m, r in results.items()}
+    out = compare.compare_document(docs)
+    table = report.render_table(docs, out.get("ratios"), title="disagg bench compare")
+    report.print_table(table)
+    _write_compare_outputs(args, out, compare.records_of(results))
+    return 0 if all(d["completed"] for d in docs.values()) else 1
+
+
+def _describe(args: argparse.Namespace, stack, trace) -> str:
+    kinds = {k: sum(r.kind == k for r in trace) for k in sorted({r.kind for r in trace})}
+    return (
+        f"model {stack.model}; {len(trace)} requests {kinds}; workers pinned to cores "
+        f"{stack.cpus or 'none (fewer cores than workers)'}; gateway, scheduler, NATS and this "
+        f"load generator are not pinned; logs in {stack.log_dir}"
+    )
+
+
+def _run_modes(args, modes, stack, trace, warmup) -> dict:
+    from disagg.services.bench import compare
+
+    results = {}
+    with Progress(not args.no_progress) as progress:
+        for mode in modes:
+            print(f"{mode}: starting disagg up ...", file=sys.stderr, flush=True)
+            on_done = progress.task(mode, len(trace))
+            run = run_config(args, "http://unset", None)
+            results[mode] = compare.run_mode(mode, stack, run, trace, warmup, on_done)
+    return results
+
+
+def _write_compare_outputs(args: argparse.Namespace, out: dict, runs: dict) -> None:
+    from disagg.services.bench import report
+
+    if args.json is not None:
+        report.write_json(args.json, out)
+        print(f"results: {args.json}")
+    plot_dir = args.plot_dir or args.out_dir
+    paths = report.write_plots(runs, plot_dir, prefix="compare-")
+    print("plots: " + ", ".join(map(str, paths)))
