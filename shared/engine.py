@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from disagg.shared.kv import BlockPool, KVCache
+from disagg.shared.kv import BlockPool, KVCache, hash_block_tokens, prefix_block_hashes
 from disagg.shared.model.batch import ForwardBatch
 from disagg.shared.model.llama import Transformer
 from disagg.shared.sampling import SamplingParams, sample
@@ -48,6 +48,8 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks committed
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +76,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None  # set with finish_reason "error"
+    num_cached_tokens: int = 0
 
     @property
     def index(self) -> int:
@@ -86,6 +89,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget of one step; prompts longer are chunked
     max_model_len: int | None = None  # None: the model's (capped by what the cache holds)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -160,6 +164,7 @@ class Engine:
         req = self._new_request(request_id, prompt, params)
         req.block_table = list(block_ids)
         req.num_computed = len(prompt)
+        self._commit_full_blocks(req)
         req.status = Status.RUNNING
         self.running.append(req)
         self._append_token(req, first_token)
@@ -236,8 +241,12 @@ class Engine:
             budget -= n
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if not req.block_table:
+                self._reuse_cached_prefix(req)
             n = min(req.num_pending, budget)
             if not self._reserve(req, n, allow_preempt=False):
+                self._release_blocks(req)  # a waiting request holds nothing
+                req.num_computed = 0
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
@@ -264,6 +273,39 @@ class Engine:
         if missing > 0:
             req.block_table.extend(self.pool.allocate(missing))
         return True
+
+    def _reuse_cached_prefix(self, req: Request) -> None:
+        """Start `req` on the cached blocks of its longest cached prefix (they are shared).
+
+        The last token is always recomputed (its logits are needed), so the block holding it is
+        never a shared one: at most (num_tokens - 1) // block_size full blocks are reused.
+        """
+        if not self.config.enable_prefix_caching:
+            return
+        bs = self.pool.block_size
+        usable = (req.num_tokens - 1) // bs
+        tokens = [req.token_at(p) for p in range(usable * bs)]
+        hashes = prefix_block_hashes(tokens, bs)
+        hit = self.pool.lookup_prefix(hashes)
+        if hit:
+            self.pool.incref(hit)
+            req.block_table, req.block_hashes = list(hit), hashes[: len(hit)]
+            req.num_computed = len(hit) * bs
+            if not req.output:
+                req.num_cached_tokens = req.num_computed
+
+    def _commit_full_blocks(self, req: Request) -> None:
+        """Give every newly full block its chained content hash, so later requests can share it."""
+        if not self.config.enable_prefix_caching:
+            return
+        bs = self.pool.block_size
+        for i in range(len(req.block_hashes), req.num_computed // bs):
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            block_hash = hash_block_tokens(
+                parent, [req.token_at(p) for p in range(i * bs, (i + 1) * bs)]
+            )
+            self.pool.commit_full_block(req.block_table[i], block_hash)
+            req.block_hashes.append(block_hash)
 
     def _preemption_victim(self, req: Request) -> Request | None:
         # `running` is scanned front to back, so everything after `req` is not yet planned this
@@ -297,8 +339,10 @@ class Engine:
         logits = self.model(batch, self.kv_cache, layer_hook=hook)
         for req, n in plan.chunks:
             req.num_computed += n
+            self._commit_full_blocks(req)
         for req in plan.decodes:
             req.num_computed += 1
+            self._commit_full_blocks(req)
         sampled_reqs = done + plan.decodes
         tokens = sample(
             logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs]
@@ -336,7 +380,7 @@ class Engine:
     def _release_blocks(self, req: Request) -> None:
         # Reversed: the tail goes to the eviction queue first, keeping shareable prefixes longer.
         self.pool.free(reversed(req.block_table))
-        req.block_table = []
+        req.block_table, req.block_hashes = [], []
 
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.pool.block_size)
@@ -350,6 +394,7 @@ class Engine:
             finish_reason=req.finish_reason,
             num_prompt_tokens=len(req.prompt),
             num_output_tokens=len(req.output),
+            num_cached_tokens=req.num_cached_tokens,
         )
 
     # -- convenience ------------------------------------------------------------------------
