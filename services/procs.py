@@ -80,18 +80,31 @@ class Child:
 
 
 class NatsServer:
-    """nats-server on host:port (a free port by default); restartable on the same port."""
+    """nats-server on host:port (a free port by default); restartable on the same port.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, args: Sequence[str] = ()) -> None:
+    `config` is a nats-server config file (authorization, TLS); `args` more command-line flags.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        args: Sequence[str] = (),
+        *,
+        config: Path | None = None,
+        scheme: str = "nats",
+    ) -> None:
         self.host, self.port = host, port or free_port(host)
-        self.args = list(args)
+        self.args = list(args) + (["-c", str(config)] if config is not None else [])
+        self.scheme = scheme
         self.child: Child | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> NatsServer:
+        """Start (or restart, after stop/kill) on the same port."""
         argv = [nats_server_binary(), "-a", self.host, "-p", str(self.port), *self.args]
         self.child = Child("nats-server", argv)
         wait_for_port(self.host, self.port, timeout)

@@ -257,7 +257,10 @@ class Engine:
 
     @staticmethod
     def _plan(plan: _Plan, req: Request, n: int) -> None:
-        if n == 1 and req.num_computed > 0:
+        # A decode is one token of a request that is generating. A prompt whose last chunk
+        # happens to be one token stays a prefill chunk: it completes the prompt, and the
+        # per-layer callback (the prefill worker's KV hand-off) must see it.
+        if n == 1 and req.num_computed > 0 and req.output:
             plan.decodes.append(req)
         else:
             plan.chunks.append((req, n))

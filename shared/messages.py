@@ -527,6 +527,11 @@ class Subjects:
         return f"{self.prefix}.v1.chat.completions"
 
     @property
+    def api_abort(self) -> str:
+        """Public abort (JSON ``{"id": ...}`` or ``{"reply": <inbox>}``) of a NATS API request."""
+        return f"{self.prefix}.v1.abort"
+
+    @property
     def place(self) -> str:
         """Scheduler placement (request/reply, queue group ``scheduler_queue``)."""
         return f"{self.prefix}.sched.place"

@@ -177,3 +177,16 @@ def test_sampling_params_validation():
     ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_layer_callback_sees_a_prompt_whose_last_chunk_is_one_token(checkpoints):
+    """A 9-token prompt under an 8-token budget ends with a 1-token chunk: still a prefill."""
+    engine, pool = make_engine(checkpoints(arch="llama"), budget=8)
+    seen: list[tuple[int, list[str]]] = []
+    engine.on_layer = lambda layer, reqs: seen.append((layer, [r.request_id for r in reqs]))
+    prompt = prompts_for(7, lens=(9,))[0]
+    out = engine.generate([prompt], SamplingParams(max_tokens=3))[0]
+    layers = engine.model.args.num_layers
+    assert [layer for layer, _ in seen] == list(range(layers))  # once per layer, at completion
+    assert out == hf_greedy(checkpoints(arch="llama"), prompt, 3)
+    assert_pool_full(pool)

@@ -359,6 +359,7 @@ def test_subjects_exact_names() -> None:
     s = Subjects()
     assert s.completions == "disagg.v1.completions"
     assert s.chat_completions == "disagg.v1.chat.completions"
+    assert s.api_abort == "disagg.v1.abort"
     assert s.place == "disagg.sched.place"
     assert s.heartbeat == "disagg.worker.heartbeat"
     assert s.transfer_stats == "disagg.transfer.stats"

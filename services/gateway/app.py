@@ -1,17 +1,31 @@
-"""The HTTP surface of the gateway: OpenAI routes, SSE, /health, /metrics, API keys."""
+"""The HTTP surface of the gateway: OpenAI routes, SSE, /health, /metrics, API keys.
+
+Every error is an OpenAI error body, sent before any SSE header when it happens before the first
+chunk. A client that goes away (before the first chunk, during a non-streamed request, or
+mid-stream) cancels its request, which aborts it on the workers and frees its blocks.
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from disagg.services.common import Interrupted, unless
 from disagg.services.gateway import openai as oai
+from disagg.services.gateway import schema
 from disagg.services.gateway.metrics import GatewayMetrics
+
+T = TypeVar("T")
+OPEN_PATHS = frozenset({"/health"})  # reachable without an API key
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (never sent)
 
 
 def error_response(err: oai.APIError) -> JSONResponse:
@@ -34,58 +48,143 @@ async def read_json(request: Request, limit: int) -> Any:
         raise oai.invalid_request(f"the body is not valid JSON: {err}") from None
 
 
+class ApiKeyAuth:
+    """ASGI middleware: `Authorization: Bearer <key>` with one of `keys` on every path but
+    /health (keys compared in constant time, never echoed or logged)."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await error_response(oai.authentication_failed())(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        return any(hmac.compare_digest(token, key) for key in self.keys)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client goes away first, cancel it (its cleanup aborts the request on
+    the workers) and raise Interrupted."""
+    return await unless(lambda: _disconnected(request), work)
+
+
 def create_app(
     gateway, metrics: GatewayMetrics, *, api_keys=(), max_body_bytes: int = 4 << 20
 ) -> FastAPI:
-    app = FastAPI(title="disagg", version="0.1.0")
-    keys = [k.encode() for k in api_keys]
+    app = FastAPI(title="disagg", version="0.1.0", description="OpenAI-compatible LLM serving")
+    if api_keys:
+        app.add_middleware(ApiKeyAuth, keys=list(api_keys))
+    _error_handlers(app)
+    _generation_routes(app, gateway, max_body_bytes)
+    _info_routes(app, gateway, metrics)
+    _install_openapi(app)
+    return app
 
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(oai.APIError)
     async def _api_error(_: Request, err: oai.APIError) -> JSONResponse:
         return error_response(err)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if keys and request.url.path != "/health" and not _authorized(request, keys):
-            return error_response(oai.authentication_failed())
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        body = oai.APIError(err.status_code, str(err.detail), kind).body()
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
+
+def _generation_routes(app: FastAPI, gateway, max_body_bytes: int) -> None:
     async def generate(request: Request, kind: str) -> Response:
         req = gateway.parse(kind, await read_json(request, max_body_bytes))
-        gateway.admit()
-        if not req.stream:
-            return JSONResponse(await gateway.complete(req))
-        chunks = gateway.chunks(req)
-        try:  # the first chunk before any header: an early failure is a plain HTTP error
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
-        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
+        slot = gateway.admit()
+        try:
+            return await _respond(request, gateway, req, slot)
+        except Interrupted:  # nobody reads this answer
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            if not req.stream:
+                slot.release()  # streamed: the SSE body owns it (and releases it at its end)
 
-    @app.post("/v1/completions")
+    served = gateway.ctx.served_models
+
+    @app.post(
+        "/v1/completions",
+        openapi_extra=schema.generation_route(schema.CompletionRequest, served),
+    )
     async def completions(request: Request) -> Response:
         return await generate(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=schema.generation_route(schema.ChatCompletionRequest, served),
+    )
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
 
-    @app.get("/v1/models")
+
+async def _respond(request: Request, gateway, req: oai.GenerationRequest, slot) -> Response:
+    if not req.stream:
+        return JSONResponse(await until_disconnected(request, gateway.complete(req, slot)))
+    chunks = gateway.chunks(req, slot)
+    try:  # the first chunk before any header: an early failure is a plain HTTP error
+        first = await until_disconnected(request, anext(chunks, None))
+    except BaseException:
+        slot.release()
+        raise
+    return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
+
+
+def _info_routes(app: FastAPI, gateway, metrics: GatewayMetrics) -> None:
+    @app.get("/v1/models", responses=schema.error_responses("401"))
     async def models() -> dict:
         return gateway.models()
 
-    @app.get("/health")
+    @app.get("/health", responses=schema.error_responses("503"))
     async def health() -> Response:
+        if gateway.draining:
+            return error_response(oai.service_unavailable("the gateway is shutting down"))
         if gateway.backend.can_serve():
             return JSONResponse({"status": "ok"})
         return error_response(oai.service_unavailable("no worker can serve a request right now"))
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={"200": {"content": {"text/plain": {}}}} | schema.error_responses("401"),
+    )
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    return app
+
+def _install_openapi(app: FastAPI) -> None:
+    """Put the nested request models in components/schemas, where the bodies refer to them."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(
+                schema.component_schemas()
+            )
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _sse(first: dict | None, rest: AsyncIterator[dict]) -> AsyncIterator[bytes]:
@@ -99,10 +198,3 @@ async def _sse(first: dict | None, rest: AsyncIterator[dict]) -> AsyncIterator[b
     finally:
         await rest.aclose()
     yield oai.SSE_DONE
-
-
-def _authorized(request: Request, keys: list[bytes]) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return any(hmac.compare_digest(token.strip().encode(), key) for key in keys)

@@ -1,23 +1,40 @@
 """The gateway's NATS side: place a request, admit it on decode, hand the prompt to prefill, and
-yield its tokens in order.
+yield its tokens in order; move it to other workers when one fails (see `migration`).
 
-Tokens come on `disagg.stream.<gateway>.<request>` from two publishers (the first token from the
+Tokens come on `disagg.stream.<gateway>.<attempt>` from two publishers (the first token from the
 prefill worker, the rest from decode, which repeats the first), so chunks carry the index of their
-first token and are reordered and de-duplicated here. Every wait is bounded; a request that ends
-early (client gone, stop string, error) is aborted on the workers holding it.
+first token and are reordered and de-duplicated here.
+
+Failure detection, per attempt:
+- a holder's heartbeats stop (`PeerWatch`, about 3 s): decode death always moves the request,
+  prefill death only while decode has not started (afterwards prefill holds nothing of it);
+- a worker refuses (429/503), does not answer (admit, job) or reports a failed KV transfer;
+- the decode worker's chunks skip an index (chunks were lost, e.g. across a NATS restart);
+- no token within --first-token-timeout-s / --inter-token-timeout-s (the backstop), or within
+  `resync_s` after this gateway reconnected to NATS while decode was streaming.
+Every attempt that ends early is aborted on the workers holding it, which frees their blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
 
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from disagg.services.scheduler.placement import WorkerReport, WorkerTable
+from disagg.services.common import Interrupted, PeerWatch, unless
+from disagg.services.gateway.migration import (
+    RETRYABLE_STATUS,
+    BackendError,
+    Progress,
+    WorkerLost,
+    retryable,
+)
+from disagg.services.scheduler.placement import WorkerReport, WorkerState
 from disagg.shared.kv import prefix_block_hashes
 from disagg.shared.log import get_logger
 from disagg.shared.messages import (
@@ -27,6 +44,7 @@ from disagg.shared.messages import (
     ErrorReply,
     Heartbeat,
     JobReply,
+    Message,
     MessageError,
     PlaceReply,
     PlaceRequest,
@@ -40,24 +58,29 @@ from disagg.shared.messages import (
 )
 from disagg.shared.sampling import SamplingParams
 
+__all__ = ["Backend", "BackendError", "Timeouts", "TokenEvent"]
+
 log = get_logger("disagg.gateway")
-
-
-class BackendError(Exception):
-    """A request the workers could not serve; `status` is HTTP-like."""
-
-    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+WATCH_PERIOD_S = 0.25
+ABORT_TIMEOUT_S = 2.0
+STREAM_QUEUE = 4096  # chunks buffered per request; beyond, the client is too slow: it fails
 
 
 @dataclass(frozen=True)
 class Timeouts:
+    """Every bounded wait of a request, in seconds."""
+
     place_s: float = 5.0
     admit_s: float = 10.0
+    job_s: float = 10.0  # the prefill worker accepting the job ("prefill start")
     first_token_s: float = 120.0
     inter_token_s: float = 60.0
+    resync_s: float = 5.0  # after a NATS reconnection, silence this long means lost chunks
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"timeout {f.name} must be positive, got {getattr(self, f.name)}")
 
 
 @dataclass
@@ -70,18 +93,44 @@ class TokenEvent:
     num_cached_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class _WorkerDied:
+    worker_id: str
+
+
+class _Resync:
+    """This gateway reconnected to NATS: chunks of the outage may be lost."""
+
+
 @dataclass
 class _Stream:
-    """Reorders one request's chunks by token index."""
+    """One attempt: who holds it, and its chunks reordered by token index."""
 
-    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=4096))
+    holders: list[str] = field(default_factory=list)  # every worker that may hold state
+    decode_id: str | None = None
+    prefill_id: str | None = None
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=STREAM_QUEUE))
+    overflowed: bool = False
+    decoding: bool = False  # the decode worker has sent its first chunk
+    decode_next: int = 0  # index the decode worker's next chunk must start at
     tokens: dict[int, int] = field(default_factory=dict)
     next_index: int = 0
     final_len: int | None = None
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
 
+    def push(self, item: StreamChunk | _WorkerDied | _Resync) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
     def absorb(self, chunk: StreamChunk) -> TokenEvent:
+        """The tokens `chunk` makes ready; WorkerLost / BackendError for a failed attempt."""
+        if chunk.error is not None:
+            raise self._chunk_error(chunk)
+        if chunk.worker_id == self.decode_id:
+            self._check_contiguous(chunk)
         for i, token in enumerate(chunk.token_ids):
             if chunk.index + i >= self.next_index:
                 self.tokens[chunk.index + i] = token
@@ -96,8 +145,42 @@ class _Stream:
         done = self.final_len is not None and self.next_index >= self.final_len
         return TokenEvent(ready, self.finish_reason if done else None, self.num_prompt_tokens)
 
+    def _check_contiguous(self, chunk: StreamChunk) -> None:
+        # One publisher's messages arrive in order: a skipped index means lost chunks.
+        if chunk.index != self.decode_next:
+            lost = chunk.index - self.decode_next
+            raise WorkerLost(f"{lost} tokens of the stream from {chunk.worker_id} were lost")
+        self.decoding = True
+        self.decode_next = chunk.index + len(chunk.token_ids)
+
+    def _chunk_error(self, chunk: StreamChunk) -> WorkerLost | BackendError:
+        err = BackendError(chunk.error.code, chunk.error.message, chunk.error.type)
+        if err.status not in RETRYABLE_STATUS:
+            return err
+        # Decode reporting a failed transfer blames its sender (dead, slow or broken); any other
+        # report blames its reporter.
+        transfer = chunk.worker_id == self.decode_id and not self.decoding
+        suspect = self.prefill_id if transfer else chunk.worker_id
+        return WorkerLost(f"{chunk.worker_id}: {err.message}", [suspect])
+
+    def lost_holder(self, dead: _WorkerDied) -> WorkerLost | None:
+        """WorkerLost when a worker this attempt depends on died; None when it no longer does."""
+        depends = dead.worker_id == self.decode_id or (
+            dead.worker_id == self.prefill_id and not self.decoding
+        )
+        if not depends:
+            return None
+        return WorkerLost(f"worker {dead.worker_id} died", [dead.worker_id], dead=True)
+
+    def timed_out(self, timeout: float) -> WorkerLost:
+        suspect = self.decode_id if self.decoding or not self.prefill_id else self.prefill_id
+        return WorkerLost(f"no token for {timeout:g} s", [suspect])
+
 
 class Backend:
+    """Runs requests on the workers over NATS. `run()` must be running (it watches worker
+    liveness and owns the abort tasks)."""
+
     def __init__(
         self,
         nc: NATS,
@@ -105,21 +188,58 @@ class Backend:
         gateway_id: str,
         *,
         timeouts: Timeouts = Timeouts(),
+        migration_limit: int = 3,
+        missed_heartbeats: int = 3,
         wire_block_size: int = 16,
     ) -> None:
+        if migration_limit < 0:
+            raise ValueError(f"--migration-limit must be >= 0, got {migration_limit}")
         self.nc, self.subjects, self.gateway_id = nc, subjects, gateway_id
-        self.timeouts = timeouts
-        self.workers = WorkerTable()
-        self._streams: dict[str, _Stream] = {}
+        self.timeouts, self.migration_limit = timeouts, migration_limit
+        self.peers = PeerWatch(lambda: nc.is_connected, missed_heartbeats)
+        self._streams: dict[str, _Stream] = {}  # attempt id -> stream
+        self._deaths: dict[str, asyncio.Event] = {}  # worker id -> set when declared dead
         self._hash_block_size = wire_block_size
-        self._background: set[asyncio.Task] = set()  # aborts outliving their request
-        self.on_heartbeat = None  # optional callback(report) for metrics
-        self.on_transfer = None  # optional callback(TransferReport) for metrics
+        self._tasks: asyncio.TaskGroup | None = None
+        self.on_heartbeat: Callable[[WorkerReport], None] | None = None
+        self.on_transfer: Callable[[TransferReport], None] | None = None
+        self.on_worker_dead: Callable[[str], None] | None = None
+        self.on_migration: Callable[[str], None] | None = None
 
     async def start(self) -> None:
         await self.nc.subscribe(self.subjects.stream_wildcard(self.gateway_id), cb=self._on_chunk)
         await self.nc.subscribe(self.subjects.heartbeat, cb=self._on_heartbeat)
         await self.nc.subscribe(self.subjects.transfer_stats, cb=self._on_transfer)
+
+    async def run(self, until: asyncio.Event) -> None:
+        """Watch worker liveness until `until` is set, then let pending aborts finish."""
+        async with asyncio.TaskGroup() as self._tasks:
+            while not until.is_set():
+                self.expire()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(until.wait(), WATCH_PERIOD_S)
+        self._tasks = None
+
+    def expire(self) -> list[str]:
+        """Declare silent workers dead and tell the attempts that depend on them."""
+        dead = self.peers.expire()
+        for worker_id in dead:
+            log.warning("worker_dead", worker_id=worker_id, silent_s=self.peers.table.timeout_s)
+            if self.on_worker_dead is not None:
+                self.on_worker_dead(worker_id)
+            if (death := self._deaths.pop(worker_id, None)) is not None:
+                death.set()
+            for stream in self._streams.values():
+                if worker_id in (stream.decode_id, stream.prefill_id):
+                    stream.push(_WorkerDied(worker_id))
+        return dead
+
+    async def resync(self) -> None:
+        """After a NATS reconnection: chunks published meanwhile may be lost."""
+        for stream in self._streams.values():
+            stream.push(_Resync())
+
+    # -- inbound ----------------------------------------------------------------------------
 
     async def _on_transfer(self, msg) -> None:
         try:
@@ -130,8 +250,6 @@ class Backend:
         if self.on_transfer is not None and report.ok:
             self.on_transfer(report)
 
-    # -- inbound ----------------------------------------------------------------------------
-
     async def _on_chunk(self, msg) -> None:
         try:
             chunk = decode(StreamChunk, msg.data)
@@ -139,12 +257,8 @@ class Backend:
             log.warning("bad_stream_chunk", error=str(err))
             return
         stream = self._streams.get(chunk.request_id)
-        if stream is None:
-            return  # late chunk of a request that already ended
-        try:
-            stream.queue.put_nowait(chunk)
-        except asyncio.QueueFull:
-            log.error("stream_overflow", request_id=chunk.request_id)
+        if stream is not None:  # else: a late chunk of an attempt that already ended
+            stream.push(chunk)
 
     async def _on_heartbeat(self, msg) -> None:
         try:
@@ -153,13 +267,14 @@ class Backend:
         except ValueError as err:
             log.warning("bad_heartbeat", error=str(err))
             return
-        self.workers.update(report, time.monotonic())
+        if self.peers.beat(report):
+            log.info("worker_joined", worker_id=report.worker_id, role=report.role)
         if self.on_heartbeat is not None:
             self.on_heartbeat(report)
 
-    def alive_workers(self) -> list:
-        self.workers.expire(time.monotonic())
-        return self.workers.workers()
+    def alive_workers(self) -> list[WorkerState]:
+        self.expire()
+        return self.peers.table.workers()
 
     def can_serve(self) -> bool:
         """At least one worker can prefill and one can decode (a "both" worker does both)."""
@@ -171,115 +286,180 @@ class Backend:
     async def generate(
         self, request_id: str, prompt: list[int], params: SamplingParams
     ) -> AsyncIterator[TokenEvent]:
-        """Yield the request's tokens in order; raises BackendError when it cannot be served."""
-        stream = self._streams[request_id] = _Stream()
-        holders: list[str] = []
+        """Yield the request's tokens in order, moving it when a worker fails it; raises
+        BackendError when it cannot be served."""
+        progress = Progress(request_id, list(prompt), params)
+        while True:
+            if progress.remaining_tokens <= 0:  # only the finish chunk was lost
+                yield TokenEvent([], "length")
+                return
+            try:
+                async for event in self._attempt(progress):
+                    progress.generated += event.token_ids
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+            except WorkerLost as lost:
+                progress.move(lost, self.migration_limit)
+                log.warning(
+                    "migrating",
+                    request_id=request_id,
+                    migration=progress.moves,
+                    generated=len(progress.generated),
+                    reason=lost.reason,
+                    excluded=sorted(progress.excluded),
+                )
+                if self.on_migration is not None:
+                    self.on_migration(lost.reason)
+
+    async def _attempt(self, progress: Progress) -> AsyncIterator[TokenEvent]:
+        """One attempt on one pair; ends after the finish, or raises."""
+        attempt_id, started = progress.attempt_id, time.monotonic()
+        stream = self._streams[attempt_id] = _Stream()
         finished = False
         try:
-            holders = await self._start(request_id, prompt, params)
-            timeout = self.timeouts.first_token_s
+            await self._start(attempt_id, progress, stream)
+            timeout, first = self.timeouts.first_token_s, True
             while not finished:
-                event = stream.absorb(await self._next_chunk(stream, timeout, request_id))
+                event = stream.absorb(await self._next_chunk(stream, timeout))
                 finished = event.finish_reason is not None
                 if event.token_ids or finished:
-                    timeout = self.timeouts.inter_token_s
+                    if first and progress.moves:  # how long the move took, start to token
+                        log.info("migrated", request_id=attempt_id, seconds=_since(started))
+                    timeout, first = self.timeouts.inter_token_s, False
                     yield event
         finally:
-            del self._streams[request_id]
-            if not finished and holders:
-                # In a task of its own: this request may be mid-cancellation (client gone).
-                task = asyncio.get_running_loop().create_task(self._abort(request_id, holders))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            del self._streams[attempt_id]
+            if not finished:
+                self._abort_later(attempt_id, stream.holders)
 
-    async def close(self) -> None:
-        """Let pending aborts finish (bounded), then cancel what is left."""
-        if self._background:
-            await asyncio.wait(self._background, timeout=5.0)
-        for task in self._background:
-            task.cancel()
+    async def _next_chunk(self, stream: _Stream, timeout: float) -> StreamChunk:
+        """The next chunk within `timeout`; raises WorkerLost for a dead holder, a timeout, a
+        lost stream end, and BackendError when the client reads too slowly."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if stream.overflowed:
+                raise BackendError(503, "the client did not read the stream fast enough")
+            try:
+                item = await asyncio.wait_for(stream.queue.get(), deadline - time.monotonic())
+            except TimeoutError:
+                raise stream.timed_out(timeout) from None
+            if isinstance(item, StreamChunk):
+                return item
+            if isinstance(item, _WorkerDied) and (lost := stream.lost_holder(item)) is not None:
+                raise lost
+            if isinstance(item, _Resync) and stream.decoding:
+                deadline = min(deadline, time.monotonic() + self.timeouts.resync_s)
 
-    async def _next_chunk(self, stream: _Stream, timeout: float, request_id: str) -> StreamChunk:
-        try:
-            chunk = await asyncio.wait_for(stream.queue.get(), timeout)
-        except TimeoutError:
-            raise BackendError(504, f"no token for {timeout:.0f} s", "timeout") from None
-        if chunk.error is not None:
-            raise BackendError(chunk.error.code, chunk.error.message, chunk.error.type)
-        return chunk
-
-    async def _start(self, request_id: str, prompt: list[int], params: SamplingParams) -> list[str]:
-        placed = await self._request(
-            self.subjects.place,
-            PlaceRequest(
-                request_id=request_id,
-                prompt_len=len(prompt),
-                prefix_hashes=prefix_block_hashes(prompt, self._hash_block_size),
-                exclude=[],
-            ),
-            PlaceReply,
-            self.timeouts.place_s,
-            "scheduler",
-        )
+    async def _start(self, attempt_id: str, progress: Progress, stream: _Stream) -> None:
+        """Place, admit on decode, hand the prompt to prefill."""
+        prompt, params = progress.attempt_prompt(), progress.attempt_params()
+        placed = await self._place(attempt_id, prompt, progress)
+        stream.decode_id, stream.prefill_id = placed.decode_id, placed.prefill_id
         admit = AdmitRequest(
-            request_id=request_id,
+            request_id=attempt_id,
             gateway_id=self.gateway_id,
             prompt=prompt,
             sampling=params,
             prefill_id=placed.prefill_id,
             wire_dtype="float32",
+            num_generated=len(progress.generated),
         )
-        admitted = await self._request(
-            self.subjects.admit(placed.decode_id),
-            admit,
-            AdmitReply,
+        stream.holders.append(placed.decode_id)
+        admitted = await self._call_worker(
+            placed.decode_id, self.subjects.admit(placed.decode_id), admit, AdmitReply,
             self.timeouts.admit_s,
-            "decode worker",
+        )  # fmt: skip
+        if placed.prefill_id is None:
+            return
+        job = PrefillJob(
+            request_id=attempt_id,
+            gateway_id=self.gateway_id,
+            prompt=prompt,
+            sampling=params,
+            transfer=admitted.transfer,
+            decode_id=placed.decode_id,
         )
-        holders = [placed.decode_id]
-        if placed.prefill_id is not None:
-            job = PrefillJob(
-                request_id=request_id,
-                gateway_id=self.gateway_id,
-                prompt=prompt,
-                sampling=params,
-                transfer=admitted.transfer,
-                decode_id=placed.decode_id,
-            )
-            try:
-                await self._request(
-                    self.subjects.job(placed.prefill_id),
-                    job,
-                    JobReply,
-                    self.timeouts.admit_s,
-                    "prefill worker",
-                )
-            except BackendError:
-                await self._abort(request_id, holders)
-                raise
-            holders.append(placed.prefill_id)
-        return holders
+        stream.holders.append(placed.prefill_id)
+        await self._call_worker(
+            placed.prefill_id, self.subjects.job(placed.prefill_id), job, JobReply,
+            self.timeouts.job_s,
+        )  # fmt: skip
 
-    async def _request(self, subject: str, msg, reply_cls, timeout: float, what: str):
+    async def _place(self, attempt_id: str, prompt: list[int], progress: Progress) -> PlaceReply:
+        """Placement away from every worker that failed the request; if that leaves no worker
+        of a role (503), away from the dead ones only."""
+        try:
+            return await self._place_excluding(attempt_id, prompt, progress.excluded)
+        except BackendError as err:
+            if err.status != 503 or not progress.suspect - progress.dead:
+                raise
+        return await self._place_excluding(attempt_id, prompt, progress.dead)
+
+    async def _place_excluding(
+        self, attempt_id: str, prompt: list[int], excluded: set[str]
+    ) -> PlaceReply:
+        request = PlaceRequest(
+            request_id=attempt_id,
+            prompt_len=len(prompt),
+            prefix_hashes=prefix_block_hashes(prompt, self._hash_block_size),
+            exclude=sorted(excluded),
+        )
+        return await self._call(
+            self.subjects.place, request, PlaceReply, self.timeouts.place_s, "scheduler"
+        )
+
+    async def _call_worker(self, worker_id: str, subject: str, msg, reply_cls, timeout: float):
+        """A request to one worker: a refusal, silence or its death meanwhile is a WorkerLost
+        (try another)."""
+        death = self._deaths.setdefault(worker_id, asyncio.Event())
+        call = self._call(subject, msg, reply_cls, timeout, f"worker {worker_id}")
+        try:
+            return await unless(death.wait, call)
+        except Interrupted:
+            raise WorkerLost(f"worker {worker_id} died", [worker_id], dead=True) from None
+        except BackendError as err:
+            raise retryable(err, worker_id) from None
+
+    async def _call(self, subject: str, msg: Message, reply_cls, timeout: float, what: str):
         try:
             resp = await self.nc.request(subject, encode(msg), timeout=timeout)
+            reply = decode_reply(reply_cls, resp.data)
         except nats.errors.NoRespondersError:
-            raise BackendError(503, f"no {what} is available", "service_unavailable") from None
+            message = f"no {what} is available"
+            raise BackendError(503, message, "service_unavailable", gone=True) from None
         except nats.errors.TimeoutError:
-            raise BackendError(
-                504, f"the {what} did not answer within {timeout} s", "timeout"
-            ) from None
-        reply = decode_reply(reply_cls, resp.data)
+            message = f"the {what} did not answer within {timeout:g} s"
+            raise BackendError(504, message, "timeout") from None
+        except nats.errors.Error as err:  # e.g. NATS reconnecting with a full buffer
+            message = f"NATS is unavailable ({type(err).__name__})"
+            raise BackendError(503, message, "service_unavailable") from None
+        except MessageError as err:
+            raise BackendError(502, f"bad reply from the {what}: {err}") from None
         if isinstance(reply, ErrorReply):
             raise BackendError(reply.error.code, reply.error.message, reply.error.type)
         return reply
 
-    async def _abort(self, request_id: str, holders: list[str]) -> None:
-        body = encode(AbortRequest(request_id=request_id, reason="client gone or request ended"))
+    # -- aborts -----------------------------------------------------------------------------
+
+    def _abort_later(self, attempt_id: str, holders: list[str]) -> None:
+        """Abort in a task of its own: the caller may be mid-cancellation (client gone)."""
+        if not holders:
+            return
+        if self._tasks is None:
+            log.warning("abort_skipped", request_id=attempt_id, reason="backend not running")
+            return
+        self._tasks.create_task(self._abort(attempt_id, holders))
+
+    async def _abort(self, attempt_id: str, holders: list[str]) -> None:
+        body = encode(AbortRequest(request_id=attempt_id, reason="client gone or request ended"))
         for worker_id in holders:
             try:
-                await self.nc.request(self.subjects.abort(worker_id), body, timeout=2.0)
+                await self.nc.request(self.subjects.abort(worker_id), body, timeout=ABORT_TIMEOUT_S)
             except (nats.errors.Error, TimeoutError) as err:
-                log.warning(
-                    "abort_failed", request_id=request_id, worker_id=worker_id, error=str(err)
-                )
+                log.info("abort_failed", request_id=attempt_id, worker_id=worker_id,
+                         error=type(err).__name__)  # fmt: skip
+
+
+def _since(start: float) -> float:
+    return round(time.monotonic() - start, 3)

@@ -99,6 +99,12 @@ class GatewayMetrics:
         self.prefix_hits = Counter(
             "disagg:prefix_cache_hits", "Prompt tokens found in a prefix cache.", registry=reg
         )
+        self.migrations = Counter(
+            "disagg:request_migrations", "Requests moved to other workers.", registry=reg
+        )
+        self.rejected = Counter(
+            "disagg:requests_rejected", "Requests refused at admission.", ("reason",), registry=reg
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its HTTP content type."""
@@ -120,6 +126,14 @@ class GatewayMetrics:
         self.generation_tokens.inc(generation_tokens)
         self.request_success.labels(finished_reason=finished_reason).inc()
         self.e2e.observe(e2e_s)
+
+    def observe_migration(self) -> None:
+        """A request moved to other workers (a worker died, timed out or refused it)."""
+        self.migrations.inc()
+
+    def observe_rejected(self, reason: str) -> None:
+        """A request refused before it started (`queue_full`: 429, `no_worker`: 503)."""
+        self.rejected.labels(reason=reason).inc()
 
     def observe_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
         """Prompt tokens looked up in a prefix cache, and how many of them were found."""

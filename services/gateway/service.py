@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from disagg.services.common import (
     add_nats_flags,
     connect_nats,
     flag,
+    redact_url,
     run_service,
     subjects_for,
 )
@@ -27,6 +27,7 @@ from disagg.services.gateway import openai as oai
 from disagg.services.gateway.backend import Backend, BackendError, Timeouts
 from disagg.services.gateway.detok import StreamDetokenizer
 from disagg.services.gateway.metrics import GatewayMetrics
+from disagg.services.gateway.nats_api import NatsApi
 from disagg.shared.log import get_logger
 from disagg.shared.messages import check_id, new_request_id
 from disagg.shared.model.args import ModelArgs
@@ -47,9 +48,15 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-body-bytes", type=int, default=4 << 20)
     flag(p, "--place-timeout-s", type=float, default=5.0)
     flag(p, "--admit-timeout-s", type=float, default=10.0)
+    flag(p, "--job-timeout-s", type=float, default=10.0, help="prefill worker accepting a job")
     flag(p, "--first-token-timeout-s", type=float, default=120.0)
     flag(p, "--inter-token-timeout-s", type=float, default=60.0)
-    flag(p, "--api-key", default=None, help="required Bearer key(s), comma separated")
+    flag(p, "--resync-timeout-s", type=float, default=5.0, help="stream silence after a NATS "
+         "reconnection that means chunks were lost")  # fmt: skip
+    flag(p, "--migration-limit", type=int, default=3, help="moves of one request to new workers")
+    flag(p, "--drain-timeout-s", type=float, default=30.0, help="SIGTERM: finish requests within")
+    flag(p, "--api-key", default=None, help="required Bearer key(s), comma separated "
+         "(better: DISAGG_API_KEY)")  # fmt: skip
 
 
 @dataclass
@@ -60,8 +67,25 @@ class Finished:
     usage: dict[str, Any]
 
 
+class Slot:
+    """One admitted request's place under --max-concurrent-requests; `release` is idempotent
+    (whoever ends the request calls it)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self.released = False
+        gateway.running += 1
+        gateway.metrics.set_num_requests(gateway.running, 0)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._gateway.running -= 1
+            self._gateway.metrics.set_num_requests(self._gateway.running, 0)
+
+
 class Gateway:
-    """One request end to end: parse, generate, detokenize, assemble OpenAI bodies."""
+    """One request end to end: parse, admit, generate, detokenize, assemble OpenAI bodies."""
 
     def __init__(
         self,
@@ -75,6 +99,7 @@ class Gateway:
         self.eos_ids = eos_ids
         self.max_concurrent = max_concurrent
         self.running = 0
+        self.draining = False
         self.created = int(time.time())
 
     def parse(self, kind: str, body: Any) -> oai.GenerationRequest:
@@ -84,17 +109,22 @@ class Gateway:
             else oai.parse_chat(body, self.ctx)
         )
 
-    def admit(self) -> None:
-        """Count a request in; 429 beyond the bound, 503 with no worker of a role."""
+    def admit(self) -> Slot:
+        """Take a slot; 429 beyond the bound, 503 while draining or with no worker of a role."""
+        if self.draining:
+            raise oai.service_unavailable("the gateway is shutting down", 1)
         if self.running >= self.max_concurrent:
+            self.metrics.observe_rejected("queue_full")
             raise oai.queue_full(retry_after_s=1)
         if not self.backend.can_serve():
+            self.metrics.observe_rejected("no_worker")
             raise oai.service_unavailable("no worker can serve this request right now", 1)
+        return Slot(self)
 
-    async def chunks(self, req: oai.GenerationRequest) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self, req: oai.GenerationRequest, slot: Slot) -> AsyncIterator[dict[str, Any]]:
         """The OpenAI chunk dicts of a streamed request (errors after the first become chunks)."""
         assembler = oai.StreamAssembler(req)
-        events = self._events(req)
+        events = self._events(req, slot)
         try:
             async for item in events:
                 if isinstance(item, Finished):
@@ -108,9 +138,9 @@ class Gateway:
         finally:
             await events.aclose()
 
-    async def complete(self, req: oai.GenerationRequest) -> dict[str, Any]:
+    async def complete(self, req: oai.GenerationRequest, slot: Slot) -> dict[str, Any]:
         text, ids = [], []
-        async for item in self._events(req):
+        async for item in self._events(req, slot):
             if isinstance(item, Finished):
                 build = oai.completion_response if req.kind == "completion" else oai.chat_response
                 return build(
@@ -125,11 +155,9 @@ class Gateway:
         raise oai.internal_error("the stream ended without a finish")
 
     async def _events(
-        self, req: oai.GenerationRequest
+        self, req: oai.GenerationRequest, slot: Slot
     ) -> AsyncIterator[tuple[str, list[int]] | Finished]:
-        """(text, ids) deltas, then one Finished; BackendError -> APIError."""
-        self.running += 1
-        self.metrics.set_num_requests(self.running, 0)
+        """(text, ids) deltas, then one Finished; BackendError -> APIError. Releases `slot`."""
         start = last = time.monotonic()
         detok = StreamDetokenizer(self.ctx.tokenizer, req.stop, req.prompt_token_ids)
         ids: list[int] = []
@@ -157,8 +185,7 @@ class Gateway:
         except BackendError as err:
             raise _api_error(err) from None
         finally:
-            self.running -= 1
-            self.metrics.set_num_requests(self.running, 0)
+            slot.release()
             self.metrics.observe_request_finished(
                 prompt_tokens=req.prompt_len,
                 generation_tokens=len(ids),
@@ -212,84 +239,100 @@ def build_context(args: argparse.Namespace) -> tuple[oai.ParseContext, frozenset
     return ctx, frozenset(model_args.eos_token_ids)
 
 
-async def serve_nats_api(nc, gateway: Gateway, subjects) -> None:
-    """disagg.v1.completions / chat.completions: JSON in, JSON out (stream: chunks, then done)."""
+def api_keys(spec: str | None) -> list[str]:
+    """`--api-key a,b` -> ["a", "b"]."""
+    return [k.strip() for k in (spec or "").split(",") if k.strip()]
 
-    async def handle(msg, kind: str) -> None:
-        if not msg.reply:
-            return
-        try:
-            body = json.loads(msg.data)
-            req = gateway.parse(kind, body)
-            gateway.admit()
-            if not req.stream:
-                await msg.respond(json.dumps(await gateway.complete(req)).encode())
-                return
-            async for chunk in gateway.chunks(req):
-                await nc.publish(msg.reply, json.dumps(chunk).encode())
-            await nc.publish(msg.reply, b'{"done": true}')
-        except json.JSONDecodeError as err:
-            await nc.publish(
-                msg.reply,
-                json.dumps(oai.invalid_request(f"body is not JSON: {err}").body()).encode(),
-            )
-        except oai.APIError as err:
-            await nc.publish(msg.reply, json.dumps(err.body()).encode())
 
-    async def completion(msg) -> None:
-        await handle(msg, "completion")
-
-    async def chat(msg) -> None:
-        await handle(msg, "chat")
-
-    await nc.subscribe(subjects.completions, cb=completion)
-    await nc.subscribe(subjects.chat_completions, cb=chat)
+def timeouts_of(args: argparse.Namespace) -> Timeouts:
+    return Timeouts(
+        place_s=args.place_timeout_s,
+        admit_s=args.admit_timeout_s,
+        job_s=args.job_timeout_s,
+        first_token_s=args.first_token_timeout_s,
+        inter_token_s=args.inter_token_timeout_s,
+        resync_s=args.resync_timeout_s,
+    )
 
 
 async def run_gateway(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    from disagg.services.gateway.app import create_app
-
+    """Serve until `stop`; then refuse new requests, let in-flight ones finish within
+    --drain-timeout-s (cancelling the rest, which aborts them on the workers) and exit."""
     gateway_id = check_id("--id", args.id) if args.id else "gw-" + new_request_id()[:10]
     ctx, eos_ids = build_context(args)
-    nc = await connect_nats(NatsConfig.from_args(args), gateway_id)
+    backend: Backend | None = None
+
+    async def resync() -> None:
+        if backend is not None:
+            await backend.resync()
+
+    nc = await connect_nats(NatsConfig.from_args(args), gateway_id, on_reconnect=resync)
     subjects = subjects_for(args)
-    timeouts = Timeouts(
-        args.place_timeout_s,
-        args.admit_timeout_s,
-        args.first_token_timeout_s,
-        args.inter_token_timeout_s,
+    backend = Backend(
+        nc,
+        subjects,
+        gateway_id,
+        timeouts=timeouts_of(args),
+        migration_limit=args.migration_limit,
+        missed_heartbeats=args.missed_heartbeats,
     )
-    backend = Backend(nc, subjects, gateway_id, timeouts=timeouts)
     metrics = GatewayMetrics()
+    _wire_metrics(backend, metrics)
+    await backend.start()
+    gateway = Gateway(backend, ctx, metrics, eos_ids, args.max_concurrent_requests)
+    await _serve(args, nc, gateway, subjects, stop)
+    await nc.drain()
+
+
+def _wire_metrics(backend: Backend, metrics: GatewayMetrics) -> None:
     backend.on_heartbeat = lambda r: metrics.set_worker_blocks(
         r.worker_id, r.role, r.free_blocks, r.total_blocks
     )
     backend.on_transfer = lambda r: metrics.observe_kv_transfer(
         r.payload_bytes, r.seconds, r.exposed_seconds
     )
-    await backend.start()
-    gateway = Gateway(backend, ctx, metrics, eos_ids, args.max_concurrent_requests)
-    await serve_nats_api(nc, gateway, subjects)
-    keys = [k.strip() for k in (args.api_key or "").split(",") if k.strip()]
-    app = create_app(gateway, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes)
+    backend.on_worker_dead = metrics.forget_worker
+    backend.on_migration = lambda _reason: metrics.observe_migration()
+
+
+async def _serve(args, nc, gateway: Gateway, subjects, stop: asyncio.Event) -> None:
+    from disagg.services.gateway.app import create_app
+
+    keys, limit = api_keys(args.api_key), args.max_body_bytes
+    app = create_app(gateway, gateway.metrics, api_keys=keys, max_body_bytes=limit)
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", lifespan="off"
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=max(1, round(args.drain_timeout_s)),
     )
-    server = _Server(config)
+    server, api = _Server(config), NatsApi(nc, gateway, subjects)
+    backend_done, api_done = asyncio.Event(), asyncio.Event()
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(gateway.backend.run(backend_done))
+        api_serving = tasks.create_task(api.serve(api_done, args.drain_timeout_s))
+        serving = tasks.create_task(server.serve())
+        _log_ready(args, gateway)
+        await stop.wait()
+        log.info("draining", running=gateway.running, timeout_s=args.drain_timeout_s)
+        gateway.draining, server.should_exit = True, True
+        api_done.set()
+        await asyncio.gather(serving, api_serving)
+        backend_done.set()
+    log.info("drained", running=gateway.running)
+
+
+def _log_ready(args: argparse.Namespace, gateway: Gateway) -> None:
     log.info(
         "gateway_ready",
-        gateway_id=gateway_id,
+        gateway_id=gateway.backend.gateway_id,
         url=f"http://{args.host}:{args.port}/v1",
-        model=ctx.served_models[0],
-        nats=args.nats,
+        model=gateway.ctx.served_models[0],
+        nats=redact_url(args.nats),
+        api_keys=len(api_keys(args.api_key)),
     )
-    async with asyncio.TaskGroup() as tasks:
-        serving = tasks.create_task(server.serve())
-        await stop.wait()
-        server.should_exit = True
-        await serving
-    await backend.close()
-    await nc.drain()
 
 
 class _Server(uvicorn.Server):

@@ -9,16 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import time
 from dataclasses import fields
 
 from disagg.services.common import (
     NatsConfig,
+    PeerWatch,
     add_nats_flags,
     connect_nats,
     error_reply,
     flag,
     guarded,
+    redact_url,
     run_service,
     subjects_for,
 )
@@ -30,7 +31,6 @@ from disagg.services.scheduler.placement import (
     PlacementPolicy,
     PromptTooLongError,
     WorkerReport,
-    WorkerTable,
     place,
 )
 from disagg.shared.log import get_logger
@@ -41,7 +41,6 @@ log = get_logger("disagg.scheduler")
 
 def add_scheduler_args(p: argparse.ArgumentParser) -> None:
     add_nats_flags(p)
-    flag(p, "--missed-heartbeats", type=int, default=3, help="silent beats before a worker is dead")
     flag(p, "--local-prefill-threshold", type=int, default=0, help="tokens; 0 = always ship KV")
 
 
@@ -50,24 +49,33 @@ def report_of(hb: Heartbeat) -> WorkerReport:
 
 
 class SchedulerService:
+    """Placement over NATS. Worker liveness pauses while this scheduler's own NATS link is down
+    (see PeerWatch); on SIGTERM it drains its subscriptions and exits 0."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.subjects = subjects_for(args)
-        self.table = WorkerTable(missed_beats=args.missed_heartbeats)
         self.policy = PlacementPolicy(local_prefill_threshold_tokens=args.local_prefill_threshold)
+        self.watch: PeerWatch | None = None
+
+    @property
+    def table(self):
+        return self.watch.table
 
     async def run(self, stop: asyncio.Event) -> None:
         nc = await connect_nats(NatsConfig.from_args(self.args), "scheduler")
+        self.watch = PeerWatch(lambda: nc.is_connected, self.args.missed_heartbeats)
         await nc.subscribe(self.subjects.heartbeat, cb=self._on_heartbeat)
         queue = self.subjects.scheduler_queue
         await nc.subscribe(self.subjects.place, queue=queue, cb=guarded(self._on_place, "place"))
-        log.info("scheduler_ready", nats=self.args.nats, queue=queue)
+        log.info("scheduler_ready", nats=redact_url(self.args.nats), queue=queue)
         while not stop.is_set():
-            for worker_id in self.table.expire(time.monotonic()):
+            for worker_id in self.watch.expire():
                 log.warning("worker_dead", worker_id=worker_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
         await nc.drain()
+        log.info("scheduler_stopped")
 
     async def _on_heartbeat(self, msg) -> None:
         try:
@@ -75,13 +83,13 @@ class SchedulerService:
         except ValueError as err:  # MessageError, or a report the table refuses
             log.warning("bad_heartbeat", error=str(err))
             return
-        if report.worker_id not in self.table:
+        if self.watch.beat(report):
             log.info("worker_joined", worker_id=report.worker_id, role=report.role)
-        self.table.update(report, time.monotonic())
 
     async def _on_place(self, msg) -> bytes:
         req = decode(PlaceRequest, msg.data)
-        self.table.expire(time.monotonic())
+        for worker_id in self.watch.expire():
+            log.warning("worker_dead", worker_id=worker_id)
         request = PlaceInput(req.prompt_len, tuple(req.prefix_hashes), frozenset(req.exclude))
         try:
             decision = place(self.table, request, self.policy)
@@ -93,6 +101,7 @@ class SchedulerService:
             request_id=req.request_id,
             decode=decision.decode_id,
             prefill=decision.prefill_id,
+            excluded=req.exclude or None,
         )
         return encode(
             PlaceReply(

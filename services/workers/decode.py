@@ -7,8 +7,12 @@ Block ownership, step by step:
    the KVReceiver. This worker owns them (`_pending`); the receiver only writes into them.
 2. The transfer completes: ownership passes to the engine (`Engine.add_prefilled`), which frees
    them when the request finishes or is aborted.
-3. The transfer fails, passes its deadline, or the request is aborted first: the receiver forgets
-   the transfer (no write can follow) and this worker frees the blocks.
+3. The transfer fails, passes its deadline, its prefill worker is declared dead
+   (`fail_transfers_from`, when that worker's heartbeats stop), or the request is aborted first:
+   the receiver forgets the transfer (no write can follow) and this worker frees the blocks.
+
+Admission is bounded: no blocks for the prompt, `max_num_seqs` requests already held (pending
+transfers included) or, locally, waiting, is a 429 so the gateway tries another worker.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ from dataclasses import dataclass
 from disagg.shared.engine import Engine, RequestError, RequestOutput
 from disagg.shared.log import get_logger
 from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import KVReceiver, TransferDescriptor, TransferResult
+from disagg.shared.transfer import (
+    KVReceiver,
+    TransferDescriptor,
+    TransferError,
+    TransferResult,
+)
 
 log = get_logger("disagg.decode")
 
@@ -31,12 +40,18 @@ class AdmitError(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class FailedTransfer(RequestOutput):
+    """A request that ended because its KV never arrived: another pair may serve it (503)."""
+
+
 @dataclass
 class _Pending:
     request_id: str
     prompt: list[int]
     params: SamplingParams
     transfer: TransferDescriptor
+    prefill_id: str | None = None
 
 
 class DecodeWorker:
@@ -57,6 +72,7 @@ class DecodeWorker:
         self.wire_dtype = wire_dtype or str(engine.kv_cache.dtype).removeprefix("torch.")
         self._pending: dict[str, _Pending] = {}  # transfer id -> reserved request
         self._by_request: dict[str, str] = {}  # request id -> transfer id
+        self._outbox: list[RequestOutput] = []  # failures found outside step()
 
     @property
     def pool(self):
@@ -66,11 +82,23 @@ class DecodeWorker:
     def num_pending_transfers(self) -> int:
         return len(self._pending)
 
+    @property
+    def num_held(self) -> int:
+        """Requests this worker holds: pending transfers and the engine's."""
+        return len(self._pending) + len(self.engine.running) + len(self.engine.waiting)
+
     def admit(
-        self, request_id: str, prompt: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        prefill_id: str | None = None,
     ) -> TransferDescriptor:
-        """Reserve blocks for `prompt` and return the descriptor a prefill worker fills them by."""
+        """Reserve blocks for `prompt` and return the descriptor a prefill worker (`prefill_id`,
+        when known) fills them by."""
         self._check_new(request_id, prompt)
+        if self.num_held >= self.engine.config.max_num_seqs:
+            raise AdmitError(f"busy: {self.num_held} requests held", 429)
         blocks_needed = -(-len(prompt) // self.pool.block_size)
         if not self.pool.can_allocate(blocks_needed):
             raise AdmitError(
@@ -88,16 +116,22 @@ class DecodeWorker:
         )
         try:
             self.receiver.expect(transfer, self.engine.kv_cache.data)
+        except TransferError as err:  # the receiver's own bound (transfers in flight)
+            self.pool.free(block_ids)
+            raise AdmitError(str(err), 429) from None
         except Exception:
             self.pool.free(block_ids)
             raise
-        self._pending[transfer.transfer_id] = _Pending(request_id, list(prompt), params, transfer)
+        pending = _Pending(request_id, list(prompt), params, transfer, prefill_id)
+        self._pending[transfer.transfer_id] = pending
         self._by_request[request_id] = transfer.transfer_id
         return transfer
 
     def admit_local(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Serve a request whole here (aggregated mode, or a prompt too short to ship)."""
         self._check_new(request_id, prompt)
+        if len(self.engine.waiting) >= self.engine.config.max_num_seqs:
+            raise AdmitError(f"busy: {len(self.engine.waiting)} requests waiting", 429)
         try:
             self.engine.add_request(request_id, prompt, params)
         except RequestError as err:
@@ -120,12 +154,24 @@ class DecodeWorker:
             return True
         return self.engine.abort(request_id)
 
+    def fail_transfers_from(self, prefill_id: str) -> int:
+        """Fail (and free) every pending transfer from `prefill_id`, which is dead; returns how
+        many. Their error outputs come out of the next `step()`."""
+        doomed = [t for t, p in self._pending.items() if p.prefill_id == prefill_id]
+        for transfer_id in doomed:
+            self.receiver.cancel(transfer_id)
+            output = self._fail(transfer_id, f"prefill worker {prefill_id} died")
+            if output is not None:
+                self._outbox.append(output)
+        return len(doomed)
+
     def has_work(self) -> bool:
-        return bool(self._pending) or self.engine.has_unfinished()
+        return bool(self._pending or self._outbox) or self.engine.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         """Adopt finished transfers, expire late ones, then run one decode iteration."""
-        outputs = [self._adopt(r) for r in self.receiver.poll_completed(0.0)]
+        outputs, self._outbox = self._outbox, []
+        outputs += [self._adopt(r) for r in self.receiver.poll_completed(0.0)]
         outputs += [self._fail(t, "KV transfer deadline passed") for t in self.receiver.expire()]
         outputs = [o for o in outputs if o is not None]
         return outputs + self.engine.step()
@@ -155,7 +201,7 @@ class DecodeWorker:
         if pending is None:
             return None
         log.warning("transfer_failed", request_id=pending.request_id, error=error)
-        return _error_output(pending, error)
+        return _error_output(pending, error, FailedTransfer)
 
     def _release(self, transfer_id: str, *, keep_blocks: bool = False) -> _Pending | None:
         pending = self._pending.pop(transfer_id, None)
@@ -167,8 +213,8 @@ class DecodeWorker:
         return pending
 
 
-def _error_output(pending: _Pending, error: str) -> RequestOutput:
-    return RequestOutput(
+def _error_output(pending: _Pending, error: str, cls=RequestOutput) -> RequestOutput:
+    return cls(
         request_id=pending.request_id,
         new_token_ids=[],
         finished=True,

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from disagg.services.common import BusyError
 from disagg.shared.log import get_logger
 
 log = get_logger("disagg.compute")
@@ -52,11 +53,18 @@ class ComputeLoop:
             await asyncio.to_thread(self._thread.join, timeout)
 
     async def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> Any:
-        """Run `fn(*args)` on the compute thread; its exception is raised here."""
+        """Run `fn(*args)` on the compute thread; its exception is raised here.
+
+        BusyError when the command queue is full; TimeoutError after `timeout` (the command may
+        still run later: whatever it reserves must have its own bound, e.g. a transfer deadline).
+        """
         if self._stop.is_set() or self.failed is not None:
             raise RuntimeError("the compute loop is not running")
         future = self._loop.create_future()
-        self._commands.put_nowait((fn, args, future))
+        try:
+            self._commands.put_nowait((fn, args, future))
+        except queue.Full:
+            raise BusyError(f"{self._commands.maxsize} commands queued") from None
         return await asyncio.wait_for(future, timeout)
 
     def _run(self) -> None:

@@ -3,6 +3,10 @@
 The shell owns NATS (job/admit/abort subscriptions, heartbeats, token streams) and the ZeroMQ
 endpoint; the core runs on the compute thread (ComputeLoop). On SIGTERM it stops taking work,
 says so in its heartbeats, finishes what it holds (bounded by --drain-timeout) and exits 0.
+
+A worker that receives KV watches the prefill workers' heartbeats: when one goes silent, the
+transfers it was pushing are failed at once and their blocks freed (rather than at their
+deadline). A NATS outage is survived: publishes are buffered or dropped, never fatal.
 """
 
 from __future__ import annotations
@@ -13,22 +17,26 @@ import contextlib
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from disagg.services.common import (
     NatsConfig,
+    PeerWatch,
     add_nats_flags,
     connect_nats,
     error_reply,
     flag,
     guarded,
+    publish,
+    redact_url,
     run_service,
     subjects_for,
 )
-from disagg.services.workers.decode import AdmitError, DecodeWorker
+from disagg.services.scheduler.service import report_of
+from disagg.services.workers.decode import AdmitError, DecodeWorker, FailedTransfer
 from disagg.services.workers.loop import ComputeLoop
 from disagg.services.workers.prefill import (
     PrefillJob,
@@ -78,6 +86,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     flag(p, "--kv-transfer-dtype", default=None, help="wire dtype: the cache's (default) or int8")
     flag(p, "--transfer-deadline-s", type=float, default=30.0)
     flag(p, "--drain-timeout-s", type=float, default=30.0)
+    flag(p, "--max-queued-prefill-tokens", type=int, default=65536, help="prefill: beyond, 429")
     flag(p, "--cpus", default=None, help="CPU list to pin to, e.g. 0-3 or 0,2")
 
 
@@ -128,12 +137,15 @@ class WorkerService:
         self.loop = ComputeLoop(self._step, self.core.has_work, self._on_outputs)
         self._publish: asyncio.Queue = asyncio.Queue(maxsize=65536)  # (subject, message)
         self.nc = None
+        self.peers: PeerWatch | None = None  # prefill workers, by their heartbeats
 
     def _build_core(self):
         rt = self.runtime
         if self.role == "prefill":
             self.sender = KVSender(rt.fingerprint)
-            return PrefillWorker(rt.engine, self.sender)
+            return PrefillWorker(
+                rt.engine, self.sender, max_queued_tokens=self.args.max_queued_prefill_tokens
+            )
         args = self.args
         advertise = args.advertise_host or (
             socket.gethostname() if args.zmq_host == "0.0.0.0" else args.zmq_host
@@ -166,12 +178,15 @@ class WorkerService:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect_nats(NatsConfig.from_args(self.args), self.worker_id)
+        self.peers = PeerWatch(lambda: self.nc.is_connected, self.args.missed_heartbeats)
         await self._subscribe()
         self.loop.start()
         self._log_start()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._heartbeats(stop))
             tasks.create_task(self._publisher(stop))
+            if self.receiver is not None:
+                tasks.create_task(self._watch_prefill_peers(stop))
             await self._until_stopped(stop)
             await self._drain()
             stop.set()
@@ -190,6 +205,8 @@ class WorkerService:
             await self.nc.subscribe(s.job(self.worker_id), cb=guarded(self._on_job, "prefill job"))
         else:
             await self.nc.subscribe(s.admit(self.worker_id), cb=guarded(self._on_admit, "admit"))
+        if self.receiver is not None:
+            await self.nc.subscribe(s.heartbeat, cb=self._on_heartbeat)
         await self.nc.subscribe(s.abort(self.worker_id), cb=guarded(self._on_abort, "abort"))
 
     async def _on_admit(self, msg) -> bytes:
@@ -200,15 +217,42 @@ class WorkerService:
         if local and self.role != "both":
             return error_reply("this decode worker does not prefill; pick a prefill worker", 400)
         self.gateways[req.request_id] = req.gateway_id
+        if req.num_generated:
+            log.info("migrated_in", request_id=req.request_id, num_generated=req.num_generated)
         try:
-            fn = self.core.admit_local if local else self.core.admit
-            transfer = await self.loop.call(fn, req.request_id, req.prompt, req.sampling)
+            transfer = await self._admit(req, local)
         except AdmitError as err:
             self.gateways.pop(req.request_id, None)
             return error_reply(
                 str(err), err.status, kind="rate_limit_error" if err.status == 429 else None
             )
         return encode(AdmitReply(request_id=req.request_id, transfer=None if local else transfer))
+
+    async def _admit(self, req: AdmitRequest, local: bool):
+        if local:
+            return await self.loop.call(
+                self.core.admit_local, req.request_id, req.prompt, req.sampling
+            )
+        return await self.loop.call(
+            self.core.admit, req.request_id, req.prompt, req.sampling, req.prefill_id
+        )
+
+    async def _on_heartbeat(self, msg) -> None:
+        try:
+            report = report_of(decode(Heartbeat, msg.data))
+        except ValueError:
+            return  # the scheduler logs bad heartbeats; a worker only needs the good ones
+        if report.role != "decode":
+            self.peers.beat(report)
+
+    async def _watch_prefill_peers(self, stop: asyncio.Event) -> None:
+        """Fail the transfers of prefill workers whose heartbeats stopped."""
+        while not stop.is_set():
+            for worker_id in self.peers.expire():
+                failed = await self.loop.call(self.core.fail_transfers_from, worker_id)
+                log.warning("prefill_peer_dead", worker_id=worker_id, failed_transfers=failed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
 
     async def _on_job(self, msg) -> bytes:
         req = decode(PrefillJobMsg, msg.data)
@@ -276,19 +320,19 @@ class WorkerService:
                 subject, chunk = await asyncio.wait_for(self._publish.get(), 0.2)
             except TimeoutError:
                 continue
-            await self.nc.publish(subject, encode(chunk))
+            await publish(self.nc, subject, encode(chunk))
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if self.nc.is_connected:
-                await self.nc.publish(self.subjects.heartbeat, encode(self._heartbeat()))
+                await publish(self.nc, self.subjects.heartbeat, encode(self._heartbeat()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
 
     def _heartbeat(self) -> Heartbeat:
         rt, s = self.runtime, self.stats
-        if s.free_blocks == 0 and not self.core.has_work():
-            s = replace(s, free_blocks=rt.pool.num_free)
+        if not self.core.has_work():  # idle: no step refreshes the stats (e.g. after an abort)
+            s = Stats(free_blocks=rt.pool.num_free)
         return Heartbeat(
             worker_id=self.worker_id,
             role=self.role,
@@ -310,7 +354,7 @@ class WorkerService:
     async def _drain(self) -> None:
         """Refuse new work, finish what is held (bounded), then let run() return."""
         self.draining = True
-        await self.nc.publish(self.subjects.heartbeat, encode(self._heartbeat()))
+        await publish(self.nc, self.subjects.heartbeat, encode(self._heartbeat()))
         deadline = time.monotonic() + self.args.drain_timeout_s
         while self.core.has_work() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -336,7 +380,7 @@ class WorkerService:
             kv_blocks=rt.pool.num_blocks,
             kv_capacity_tokens=rt.capacity_tokens,
             kv_address=self.receiver.address if self.receiver else None,
-            nats=self.args.nats,
+            nats=redact_url(self.args.nats),
         )
 
 
@@ -355,7 +399,9 @@ def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
 
 def _decode_chunk(worker_id: str, out: RequestOutput) -> StreamChunk:
     error = None
-    if out.error is not None:
+    if isinstance(out, FailedTransfer):  # the KV never came: another pair may serve it
+        error = ErrorBody(message=out.error, type="service_unavailable", code=503, param=None)
+    elif out.error is not None:
         error = ErrorBody(message=out.error, type="server_error", code=500, param=None)
     return StreamChunk(
         request_id=out.request_id,
@@ -364,16 +410,16 @@ def _decode_chunk(worker_id: str, out: RequestOutput) -> StreamChunk:
         token_ids=list(out.new_token_ids),
         finish_reason=out.finish_reason if out.finished else None,
         num_prompt_tokens=out.num_prompt_tokens,
-        num_cached_tokens=0,
+        num_cached_tokens=out.num_cached_tokens,
         error=error,
     )
 
 
 def _prefill_chunk(worker_id: str, result) -> StreamChunk:
     if result.first_token is None:
-        error = ErrorBody(
-            message=result.error or "prefill failed", type="server_error", code=500, param=None
-        )
+        # Nearly always the transfer (decode unreachable or gone): another pair may serve it.
+        message = result.error or "prefill failed"
+        error = ErrorBody(message=message, type="service_unavailable", code=503, param=None)
         return StreamChunk(
             request_id=result.request_id, worker_id=worker_id, index=0, token_ids=[],
             finish_reason="error", num_prompt_tokens=0, num_cached_tokens=0, error=error,

@@ -1,0 +1,712 @@
+"""Failures with real processes: worker deaths mid-stream, a NATS restart, client disconnects,
+overload, a SIGTERM drain. Every test ends with every decode worker's pool full.
+
+One cluster serves the module: nats-server, a scheduler, prefill-a/b, decode-a/b and a gateway,
+each its own `disagg` process (child of this test, killed by PID) logging JSON to its own file.
+
+Windows are opened with signals, not sleeps: SIGSTOP freezes a worker (its heartbeats stop, so
+the others soon see it as gone) and SIGCONT brings it back. To put four streams on decode-a,
+decode-b is frozen until the others have dropped it; to kill decode-a *while* it holds them,
+it is frozen mid-stream, decode-b thawed, then decode-a SIGKILLed. From the outside a frozen
+worker is exactly a dead one, so failure detection is the same as for a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from disagg.services.common import NatsConfig, NatsRefused, PeerWatch, connect_nats
+from disagg.services.gateway.backend import _Stream, _WorkerDied
+from disagg.services.gateway.migration import BackendError, Progress, WorkerLost
+from disagg.services.procs import Child, NatsServer, disagg_command, free_port
+from disagg.services.scheduler.placement import WorkerReport
+from disagg.services.workers.decode import AdmitError, DecodeWorker, FailedTransfer
+from disagg.services.workers.runtime import RuntimeConfig, build_runtime
+from disagg.shared.messages import (
+    MAX_ID_LEN,
+    AbortReply,
+    ErrorBody,
+    StreamChunk,
+    check_id,
+    decode_reply,
+)
+from disagg.shared.sampling import SamplingParams
+from disagg.shared.transfer import KVReceiver
+from tests.conftest import assert_pool_full, hf_greedy
+
+pytestmark = pytest.mark.slow
+STARTUP_S = 240
+WAIT_S = 60.0  # bound on any single wait below (death detection is ~3 s)
+LONG = 900  # tokens: a stream that lasts seconds on the tiny model
+GATEWAY_FLAGS = (
+    "--max-concurrent-requests", "6", "--first-token-timeout-s", "60",
+    "--inter-token-timeout-s", "20", "--resync-timeout-s", "3", "--drain-timeout-s", "60",
+)  # fmt: skip
+WORKER_FLAGS = ("--kv-memory-gb", "0.05", "--block-size", "4", "--transfer-deadline-s", "30")
+# A small prefill budget chunks a long prompt into many steps: a window to act mid-prefill.
+PREFILL_FLAGS = ("--max-num-batched-tokens", "64")
+
+
+def wait_until(predicate, timeout: float = WAIT_S, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.02)
+    return result
+
+
+class Cluster:
+    """The services as child processes on one nats-server; logs in `logs/<name>.log`."""
+
+    def __init__(self, model: Path, logs: Path) -> None:
+        self.model, self.logs = model, logs
+        self.nats = NatsServer().start()
+        self.port = free_port()
+        # Two cores for six processes: torch's own thread pools would only fight each other.
+        self.env = os.environ | {"OMP_NUM_THREADS": "1"}
+        self.children: dict[str, Child] = {}
+        self.spawn("scheduler", "scheduler")
+        for name in ("prefill-a", "prefill-b"):
+            self.spawn(name, "prefill", "--id", name, *self._model(), *WORKER_FLAGS, *PREFILL_FLAGS)
+        for name in ("decode-a", "decode-b"):
+            self.spawn(name, "decode", "--id", name, *self._model(), *WORKER_FLAGS)
+        self.spawn("gateway", "gateway", *self._model(), "--port", str(self.port), *GATEWAY_FLAGS)
+        self.wait_workers(["prefill-a", "prefill-b", "decode-a", "decode-b"], STARTUP_S)
+
+    def _model(self) -> list[str]:
+        return ["--model", str(self.model)]
+
+    def spawn(self, name: str, role: str, *flags: str) -> None:
+        argv = [*disagg_command(), role, "--nats", self.nats.url, *flags]
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (the child writes it)
+        self.children[name] = Child(name, argv, env=self.env, log=log)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    def workers_seen(self) -> set[str]:
+        """Workers the gateway currently counts alive (it drops dead ones from /metrics)."""
+        with contextlib.suppress(OSError):
+            return set(
+                re.findall(r'disagg:kv_blocks_total\{role="\w+",worker="([^"]+)"', self.metrics())
+            )
+        return set()
+
+    def wait_workers(self, names, timeout: float = WAIT_S) -> None:
+        for name, child in self.children.items():
+            assert child.alive(), f"{name} exited: {child.proc.returncode}"
+        wait_until(lambda: set(names) <= self.workers_seen(), timeout, f"workers {names} seen")
+
+    def freeze_until_gone(self, name: str) -> None:
+        """SIGSTOP, then wait until the gateway and the scheduler have declared `name` dead."""
+        deaths = len(self.events("scheduler", "worker_dead", worker_id=name))
+        self.freeze(name)
+        wait_until(lambda: name not in self.workers_seen(), what=f"{name} dropped by the gateway")
+        wait_until(
+            lambda: len(self.events("scheduler", "worker_dead", worker_id=name)) > deaths,
+            what=f"{name} dropped by the scheduler",
+        )
+
+    def freeze(self, name: str) -> None:
+        self.children[name].signal(signal.SIGSTOP)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: the worker is gone for good (and no longer one of the cluster's)."""
+        child = self.children.pop(name)
+        child.signal(signal.SIGKILL)
+        child.proc.wait(WAIT_S)
+
+    def thaw(self, name: str) -> None:
+        """SIGCONT, then wait until the gateway and the scheduler see it again."""
+        joins = len(self.events("scheduler", "worker_joined", worker_id=name))
+        self.children[name].signal(signal.SIGCONT)
+        self.wait_workers([name])
+        wait_until(
+            lambda: len(self.events("scheduler", "worker_joined", worker_id=name)) > joins,
+            what=f"{name} back in the scheduler",
+        )
+
+    def placed(self) -> int:
+        """Placements the scheduler made so far."""
+        return len(self.events("scheduler", "placed"))
+
+    def events(self, name: str, event: str | None = None, **match) -> list[dict]:
+        """The JSON log events of one child, optionally filtered."""
+        out = []
+        for line in (self.logs / f"{name}.log").read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                e = json.loads(line)
+                if (event is None or e.get("event") == event) and match.items() <= e.items():
+                    out.append(e)
+        return out
+
+    def assert_all_alive(self) -> None:
+        for name, child in self.children.items():
+            assert child.alive(), f"{name} exited with {child.proc.returncode}"
+
+    def stop(self) -> None:
+        for child in reversed(list(self.children.values())):
+            child.signal(signal.SIGCONT)
+            child.stop()
+        self.nats.stop()
+
+
+def decode_pools(metrics: str, role: str = "decode") -> tuple[dict, dict]:
+    """(free, total) blocks per worker of `role` in the gateway's /metrics."""
+
+    def per_worker(kind: str) -> dict[str, float]:
+        pattern = rf'disagg:kv_blocks_{kind}{{role="{role}",worker="([^"]+)"}} ([0-9.e+]+)'
+        return {w: float(v) for w, v in re.findall(pattern, metrics)}
+
+    free, total = per_worker("free"), per_worker("total")
+    return free, total
+
+
+def assert_decode_pools_full(cluster: Cluster, timeout: float = WAIT_S) -> None:
+    """Every live decode worker reports free == total in the gateway's /metrics."""
+
+    def full():
+        free, total = decode_pools(cluster.metrics())
+        return total and free == total
+
+    wait_until(full, timeout, "every decode pool full")
+
+
+class Streams:
+    """Streamed greedy completions, one thread each; token ids are recorded as they arrive."""
+
+    def __init__(self, base: str, prompts: list[list[int]], max_tokens: int, **extra) -> None:
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.errors: list[dict | None] = [None] * len(prompts)
+        self.ids: list[str | None] = [None] * len(prompts)
+        self.threads = [
+            threading.Thread(target=self._run, args=(base, i, p, max_tokens, extra), daemon=True)
+            for i, p in enumerate(prompts)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, base: str, i: int, prompt: list[int], max_tokens: int, extra: dict) -> None:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "ignore_eos": True, "return_token_ids": True} | extra  # fmt: skip
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    self.errors[i] = chunk["error"]
+                    return
+                self.ids[i] = chunk["id"]
+                self.tokens[i] += chunk["choices"][0].get("token_ids") or []
+
+    def wait_started(self, n: int = 1) -> None:
+        wait_until(lambda: all(len(t) >= n for t in self.tokens), what="every stream started")
+
+    def results(self) -> list[list[int]]:
+        for t in self.threads:
+            t.join(120)
+            assert not t.is_alive(), "a stream hung"
+        assert self.errors == [None] * len(self.tokens), self.errors
+        return self.tokens
+
+
+def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 380) for _ in range(length)] for _ in range(n)]
+
+
+def iso_time(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+@pytest.fixture(scope="module")
+def cluster(checkpoints, tmp_path_factory):
+    c = Cluster(checkpoints(arch="llama"), tmp_path_factory.mktemp("failure-logs"))
+    yield c
+    c.stop()
+
+
+def completion(base: str, body: dict, timeout: float = 120) -> httpx.Response:
+    return httpx.post(base + "/v1/completions", json=body, timeout=timeout)
+
+
+# --- the pure cores: migration policy, stream bookkeeping, liveness ------------------------
+
+
+def chunk(worker: str, index: int, tokens: list[int], finish=None, error=None) -> StreamChunk:
+    return StreamChunk(request_id="r1", worker_id=worker, index=index, token_ids=tokens,
+                       finish_reason=finish, num_prompt_tokens=3, num_cached_tokens=0,
+                       error=error)  # fmt: skip
+
+
+def test_progress_moves_prompt_plus_generated_and_gives_up_past_the_limit():
+    p = Progress("cmpl-1", [1, 2, 3], SamplingParams(max_tokens=10))
+    p.generated += [7, 8]
+    p.move(WorkerLost("worker d1 died", ["d1"], dead=True), limit=2)
+    p.move(WorkerLost("p1: busy", ["p1"]), limit=2)
+    assert p.attempt_id == "cmpl-1-m2" and p.attempt_prompt() == [1, 2, 3, 7, 8]
+    assert p.attempt_params().max_tokens == 8
+    assert p.dead == {"d1"} and p.excluded == {"d1", "p1"}
+    with pytest.raises(BackendError, match="after 2 migrations: p9 gone") as err:
+        p.move(WorkerLost("p9 gone", ["p9"]), limit=2)
+    assert err.value.status == 503
+    long_id = Progress("x" * MAX_ID_LEN, [1], SamplingParams())
+    long_id.moves = 3
+    assert len(long_id.attempt_id) == MAX_ID_LEN and check_id("id", long_id.attempt_id)
+
+
+def test_stream_reorders_dedups_and_notices_lost_chunks():
+    s = _Stream(decode_id="d1", prefill_id="p1")
+    assert s.absorb(chunk("d1", 0, [5, 6])).token_ids == [5, 6]  # decode overtook prefill
+    assert s.absorb(chunk("p1", 0, [5])).token_ids == []  # the duplicate first token
+    assert s.decoding and s.lost_holder(_WorkerDied("p1")) is None  # prefill no longer needed
+    with pytest.raises(WorkerLost, match="2 tokens of the stream from d1 were lost"):
+        s.absorb(chunk("d1", 4, [9]))
+    done = _Stream(decode_id="d1", prefill_id="p1")
+    event = done.absorb(chunk("d1", 0, [5, 6], finish="length"))
+    assert event.token_ids == [5, 6] and event.finish_reason == "length"
+
+
+def test_stream_errors_blame_the_right_worker():
+    busy = ErrorBody(message="KV transfer deadline passed", type="x", code=503)
+    s = _Stream(decode_id="d1", prefill_id="p1")
+    with pytest.raises(WorkerLost) as lost:  # decode's transfer failed: blame its sender
+        s.absorb(chunk("d1", 0, [], "error", busy))
+    assert lost.value.suspects == {"p1"} and not lost.value.dead
+    with pytest.raises(WorkerLost) as lost:
+        s.absorb(chunk("p1", 0, [], "error", busy))
+    assert lost.value.suspects == {"p1"}
+    bug = ErrorBody(message="engine bug", type="server_error", code=500)
+    with pytest.raises(BackendError, match="engine bug"):  # not retryable: the client is told
+        s.absorb(chunk("d1", 0, [], "error", bug))
+    assert s.lost_holder(_WorkerDied("d1")).dead
+    assert s.timed_out(5.0).suspects == {"p1"}  # no token yet: prefill is the one to blame
+
+
+def test_peer_watch_does_not_count_its_own_outage():
+    connected = [True]
+    watch = PeerWatch(lambda: connected[0], missed_beats=3)
+    report = WorkerReport("d1", "decode", "tcp://x:1", "m", "f", 4, 8, 8, 0, 0, 0, 64)
+    assert watch.beat(report, now=0.0) and not watch.beat(report, now=1.0)
+    connected[0] = False
+    assert watch.expire(now=10.0) == []  # silence while we were cut off proves nothing
+    connected[0] = True
+    assert watch.expire(now=12.0) == []  # a fresh bound after the reconnection
+    assert watch.expire(now=15.5) == ["d1"]
+
+
+def test_decode_fails_transfers_of_a_dead_prefill_and_bounds_admission(checkpoints):
+    rt = build_runtime(
+        RuntimeConfig(model=checkpoints(arch="llama"), num_blocks=64, block_size=4, max_num_seqs=2)
+    )
+    with KVReceiver("127.0.0.1") as receiver:
+        decode = DecodeWorker(rt.engine, receiver, fingerprint=rt.fingerprint)
+        decode.admit("a", [1, 2, 3, 4, 5], SamplingParams(), prefill_id="p1")
+        decode.admit("b", [1, 2, 3], SamplingParams(), prefill_id="p2")
+        with pytest.raises(AdmitError) as busy:  # max_num_seqs requests held
+            decode.admit("c", [1, 2], SamplingParams(), prefill_id="p2")
+        assert busy.value.status == 429
+        assert decode.fail_transfers_from("p1") == 1
+        (failed,) = decode.step()
+        assert isinstance(failed, FailedTransfer) and "p1 died" in failed.error
+        assert decode.abort("b") and not decode.has_work()
+        assert_pool_full(decode.pool)
+
+
+# --- client disconnects --------------------------------------------------------------------
+
+
+def aborts_found(cluster: Cluster) -> int:
+    return len(cluster.events("decode-a", "abort", found=True)) + len(
+        cluster.events("decode-b", "abort", found=True)
+    )
+
+
+def test_http_disconnect_mid_stream_and_before_answer_free_blocks(cluster):
+    before = aborts_found(cluster)
+    body = {"prompt": prompts(1, 8, 1)[0], "max_tokens": LONG, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", cluster.base + "/v1/completions", json=body, timeout=60) as resp:
+        chunks = resp.iter_lines()
+        assert resp.status_code == 200 and next(c for c in chunks if c.startswith("data: {"))
+    # The connection is closed mid-stream: the decode worker must be told, not run to the end.
+    wait_until(lambda: aborts_found(cluster) > before, what="abort of the streamed request")
+    # Not streamed: the client sends its request and goes away before any answer.
+    body = json.dumps(body | {"stream": False}).encode()
+    placed = cluster.placed()
+    with socket.create_connection(("127.0.0.1", cluster.port)) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_until(lambda: cluster.placed() > placed, what="placement")
+    wait_until(lambda: aborts_found(cluster) > before + 1, what="abort of the unanswered request")
+    assert_decode_pools_full(cluster)
+    assert re.search(r"^disagg:num_requests_running 0\.0$", cluster.metrics(), re.M)
+
+
+async def nats_abort(cluster: Cluster) -> tuple[list[dict], dict, list[dict]]:
+    """A streamed NATS request aborted by id after its first chunk, and a non-streamed one
+    aborted by reply inbox once placed; returns what each inbox received and the abort's reply."""
+    model = cluster.model.name
+    nc = await nats.connect(cluster.nats.url)
+    try:
+        body = {"model": model, "prompt": prompts(1, 8, 2)[0], "max_tokens": LONG,
+                "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+        streamed = await _collect_aborted(nc, body, by_id=True)
+        body["stream"] = False
+        inbox, placed = nc.new_inbox(), cluster.placed()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("disagg.v1.completions", json.dumps(body).encode(), reply=inbox)
+        while cluster.placed() == placed:
+            await asyncio.sleep(0.01)
+        reply = await nc.request("disagg.v1.abort", json.dumps({"reply": inbox}).encode(), 10)
+        unanswered = [json.loads((await sub.next_msg(timeout=WAIT_S)).data)]
+        return streamed, json.loads(reply.data), unanswered
+    finally:
+        await nc.close()
+
+
+async def _collect_aborted(nc, body: dict, *, by_id: bool) -> list[dict]:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish("disagg.v1.completions", json.dumps(body).encode(), reply=inbox)
+    first = json.loads((await sub.next_msg(timeout=WAIT_S)).data)
+    await nc.request("disagg.v1.abort", json.dumps({"id": first["id"]}).encode(), 10)
+    out = [first]
+    while not out[-1].get("done"):
+        out.append(json.loads((await sub.next_msg(timeout=WAIT_S)).data))
+    return out
+
+
+def test_nats_abort_frees_blocks(cluster):
+    before = aborts_found(cluster)
+    streamed, reply, unanswered = asyncio.run(asyncio.wait_for(nats_abort(cluster), WAIT_S))
+    assert streamed[-1] == {"done": True}
+    assert streamed[-2]["error"]["code"] == "aborted"
+    assert len(streamed) < LONG // 2, "the stream was not cut short"
+    assert reply == {"aborted": True}
+    assert unanswered[0]["error"]["code"] == "aborted"
+    wait_until(lambda: aborts_found(cluster) >= before + 2, what="aborts on the decode workers")
+    assert_decode_pools_full(cluster)
+
+
+async def malformed_requests(url: str) -> list[dict]:
+    """Garbage to every internal request subject and to the public API; the replies."""
+    nc = await nats.connect(url)
+    subjects = ["disagg.sched.place", "disagg.decode.decode-a.admit",
+                "disagg.prefill.prefill-a.job", "disagg.worker.decode-b.abort"]  # fmt: skip
+    try:
+        replies = []
+        for subject in subjects:
+            msg = await nc.request(subject, b"\x93\x01\x02", timeout=WAIT_S)
+            replies.append(decode_reply(AbortReply, msg.data).error)
+        msg = await nc.request("disagg.v1.completions", b"{not json", timeout=WAIT_S)
+        return replies + [json.loads(msg.data)["error"]]
+    finally:
+        await nc.close()
+
+
+def test_malformed_nats_messages_get_error_replies(cluster):
+    *internal, public = asyncio.run(malformed_requests(cluster.nats.url))
+    assert all(e.code == 400 and e.message.startswith("malformed") for e in internal)
+    assert public["type"] == "invalid_request_error"
+    cluster.assert_all_alive()
+    assert_decode_pools_full(cluster)
+
+
+# --- overload ------------------------------------------------------------------------------
+
+
+def test_overload_is_429_with_retry_after_and_accepted_ones_complete(cluster):
+    """The gateway holds 6 requests: 6 long streams fill it, 6 more are refused at once."""
+    held = Streams(cluster.base, prompts(6, 8, 3), LONG)
+    held.wait_started()
+    refused = [completion(cluster.base, {"prompt": [5, 6, 7], "max_tokens": 4}) for _ in range(6)]
+    assert {r.status_code for r in refused} == {429}
+    assert all(r.headers["retry-after"] == "1" for r in refused)
+    assert all(r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+    (nats_reply,) = asyncio.run(nats_request(cluster.nats.url, {"prompt": [5, 6], "max_tokens": 2}))
+    assert nats_reply["error"]["code"] == "queue_full"
+    assert [len(t) for t in held.results()] == [LONG] * 6
+    ok = completion(cluster.base, {"prompt": [5, 6, 7], "max_tokens": 4})
+    assert ok.status_code == 200
+    assert_decode_pools_full(cluster)
+
+
+async def nats_request(url: str, body: dict) -> list[dict]:
+    nc = await nats.connect(url)
+    try:
+        msg = await nc.request("disagg.v1.completions", json.dumps(body).encode(), timeout=WAIT_S)
+        return [json.loads(msg.data)]
+    finally:
+        await nc.close()
+
+
+# --- NATS restart --------------------------------------------------------------------------
+
+
+def test_nats_restart_under_load(cluster):
+    """nats-server SIGKILLed mid-stream and restarted on its port: every service reconnects by
+    itself, the streams end complete and right (lost chunks make them move), new requests work."""
+    ps = prompts(4, 8, 4)
+    reference = Streams(cluster.base, ps, LONG).results()
+    load = Streams(cluster.base, ps, LONG)
+    load.wait_started(5)
+    cluster.nats.kill()
+    time.sleep(1.5)
+    cluster.nats.start()
+    assert load.results() == reference
+    cluster.assert_all_alive()
+    wait_until(lambda: completion(cluster.base, {"prompt": [9, 8], "max_tokens": 3}).status_code
+               == 200, what="a new request served after the restart")  # fmt: skip
+    assert_decode_pools_full(cluster)
+
+
+# --- worker deaths -------------------------------------------------------------------------
+
+
+def test_decode_killed_mid_stream_streams_migrate_with_same_tokens(cluster):
+    ps, moved_before = prompts(4, 8, 5), len(cluster.events("gateway", "migrating"))
+    reference = Streams(cluster.base, ps, LONG).results()
+    cluster.freeze_until_gone("decode-b")
+    streams = Streams(cluster.base, ps, LONG)
+    streams.wait_started(5)
+    placed = cluster.events("scheduler", "placed")
+    assert {e["decode"] for e in placed if e["request_id"] in streams.ids} == {"decode-a"}
+    cluster.freeze("decode-a")  # mid-stream: the four are on it
+    frozen_at = time.time()
+    cluster.thaw("decode-b")
+    cluster.kill("decode-a")
+    killed_at = time.time()
+    assert streams.results() == reference
+    (dead,) = cluster.events("gateway", "worker_dead", worker_id="decode-a")
+    moves = cluster.events("gateway", "migrating")[moved_before:]
+    assert len(moves) == 4 and all(e["excluded"] == ["decode-a"] for e in moves), moves
+    resumed = cluster.events("gateway", "migrated")[-4:]
+    print(f"\ndecode death declared {iso_time(dead) - frozen_at:.2f} s after the worker froze "
+          f"(3 s after its last heartbeat; {iso_time(dead) - killed_at:.2f} s after SIGKILL); "
+          f"streams resumed {max(e['seconds'] for e in resumed):.2f} s after the move")  # fmt: skip
+    assert_decode_pools_full(cluster)
+
+
+def test_prefill_killed_mid_prefill_requests_move_then_none_left_is_503(cluster):
+    ps, moved_before = prompts(4, 900, 6), len(cluster.events("gateway", "migrating"))
+    cluster.freeze_until_gone("prefill-b")
+    placed = len(cluster.events("scheduler", "placed", prefill="prefill-a"))
+    streams = Streams(cluster.base, ps, 40)
+    wait_until(
+        lambda: len(cluster.events("scheduler", "placed", prefill="prefill-a")) >= placed + 4,
+        what="placements on prefill-a",
+    )
+    cluster.freeze("prefill-a")  # mid-prefill: dozens of 64-token steps queued
+    cluster.thaw("prefill-b")
+    cluster.kill("prefill-a")
+    results = streams.results()
+    for prompt, tokens in zip(ps, results):
+        assert tokens == hf_greedy(cluster.model, prompt, 40)
+    moves = cluster.events("gateway", "migrating")[moved_before:]
+    assert moves and all("prefill-a" in e["reason"] + str(e["excluded"]) for e in moves)
+    assert_decode_pools_full(cluster)
+    # No prefill worker left while a request prefills: a clear 503 within the bounds.
+    body = {"prompt": prompts(1, 900, 7)[0], "max_tokens": 4, "temperature": 0}
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(completion(cluster.base, body)))
+    placed = cluster.placed()
+    sender.start()
+    wait_until(lambda: cluster.placed() > placed, what="placement")
+    cluster.freeze("prefill-b")
+    sender.join(WAIT_S)
+    cluster.thaw("prefill-b")
+    (resp,) = answer
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    assert "no prefill worker" in resp.json()["error"]["message"]
+    assert_decode_pools_full(cluster)
+
+
+# --- graceful shutdown ---------------------------------------------------------------------
+
+
+def test_sigterm_drains_every_service_and_exits_zero(cluster):
+    """Last: SIGTERM the gateway mid-stream (the stream completes, then it exits 0), then the
+    scheduler and the workers (each exits 0)."""
+    stream = Streams(cluster.base, prompts(1, 8, 8), 300)
+    stream.wait_started()
+    cluster.children["gateway"].signal(signal.SIGTERM)
+    assert len(stream.results()[0]) == 300
+    assert cluster.children["gateway"].proc.wait(WAIT_S) == 0
+    for name, child in cluster.children.items():
+        if child.alive():
+            child.signal(signal.SIGTERM)
+            assert child.proc.wait(WAIT_S) == 0, f"{name} did not exit 0 on SIGTERM"
+
+
+# --- security ------------------------------------------------------------------------------
+
+PASSWORD = "pw-Zq81-never-logged"
+KEYS = ("key-one-Xv3", "key-two-Pq9")
+
+
+class SecureUp:
+    """`disagg up --mode agg` with NATS credentials and API keys given in its environment."""
+
+    def __init__(self, model: Path, logs: Path) -> None:
+        self.port, self.nats_port = free_port(), free_port()
+        argv = [*disagg_command(), "up", "--model", str(model), "--mode", "agg",
+                "--port", str(self.port), "--nats-port", str(self.nats_port), "--nats-user", "svc",
+                "--kv-memory-gb", "0.05", "--block-size", "4", "--log-dir", str(logs)]  # fmt: skip
+        env = os.environ | {"DISAGG_NATS_PASSWORD": PASSWORD, "DISAGG_API_KEY": ",".join(KEYS)}
+        self.proc = subprocess.Popen(
+            argv, env=env | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        ready = threading.Event()
+        threading.Thread(target=self._read, args=(ready,), daemon=True).start()
+        assert ready.wait(STARTUP_S), "disagg up did not start:\n" + "".join(self.lines[-30:])
+        self.pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", "".join(self.lines))]
+
+    def _read(self, ready: threading.Event) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("processes:"):
+                ready.set()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(WAIT_S)
+
+
+def status(method: str, url: str, key: str | None = None, **kw) -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    resp = httpx.request(method, url, headers=headers, timeout=WAIT_S, **kw)
+    if resp.status_code == 401:
+        assert resp.json()["error"]["type"] == "authentication_error"
+    return resp.status_code
+
+
+async def nats_with_and_without_credentials(url: str) -> tuple[dict, bool]:
+    refused = False
+    try:
+        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+    except Exception:  # nats-py raises its own errors (or a timeout) for a refused connect
+        refused = True
+    nc = await nats.connect(url, user="svc", password=PASSWORD)
+    try:
+        body = {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+        msg = await nc.request("disagg.v1.completions", json.dumps(body).encode(), WAIT_S)
+        return json.loads(msg.data), refused
+    finally:
+        await nc.close()
+
+
+def pool_full(base: str, key: str) -> bool:
+    metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    free, total = decode_pools(metrics, role="both")
+    return bool(total) and free == total
+
+
+def test_api_keys_and_nats_credentials_end_to_end(checkpoints, tmp_path):
+    up = SecureUp(checkpoints(arch="llama"), tmp_path)
+    try:
+        base, body = up.base, {"prompt": [5, 6, 7], "max_tokens": 3}
+        assert status("GET", base + "/health") == 200  # the one open route
+        for path in ("/v1/models", "/metrics"):
+            assert status("GET", base + path) == 401
+            assert status("GET", base + path, "wrong-key") == 401
+            assert status("GET", base + path, KEYS[1]) == 200
+        assert status("POST", base + "/v1/completions", json=body) == 401
+        assert status("POST", base + "/v1/completions", KEYS[0], json=body) == 200
+        reply, refused = asyncio.run(nats_with_and_without_credentials(up.nats_url))
+        assert refused, "the NATS server let a client in without credentials"
+        assert reply["choices"][0]["finish_reason"] == "length"
+        # A service without the credentials is refused by NATS: one log line, exit code 1.
+        intruder = subprocess.run(
+            [*disagg_command(), "scheduler", "--nats", up.nats_url],
+            env={k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")},
+            capture_output=True, text=True, timeout=WAIT_S,
+        )  # fmt: skip
+        assert intruder.returncode == 1 and "nats_refused" in intruder.stderr
+        wait_until(lambda: pool_full(base, KEYS[0]), what="the worker's pool full")
+        secrets = (PASSWORD, *KEYS)
+        for pid in up.pids:  # `ps` shows command lines: no secret on them
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            assert not any(s in cmdline for s in secrets)
+    finally:
+        assert up.stop() == 0
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+    assert "gateway_ready" in logs and "worker_ready" in logs
+    assert not any(s in logs + "".join(up.lines) for s in secrets), "a secret was logged"
+
+
+def make_tls_cert(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+async def tls_round_trip(url: str, ca: Path) -> bytes:
+    nc = await connect_nats(NatsConfig([url], tls_ca=str(ca)), "tls-test")
+    try:
+        sub = await nc.subscribe("t.echo")
+        await nc.publish("t.echo", b"over tls")
+        return (await sub.next_msg(timeout=10)).data
+    finally:
+        await nc.close()
+
+
+async def refused_without_ca(url: str) -> bool:
+    with contextlib.suppress(NatsRefused):
+        await asyncio.wait_for(connect_nats(NatsConfig([url]), "tls-test"), WAIT_S)
+        return False
+    return True
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_nats_over_tls_with_a_ca_and_refused_without(tmp_path):
+    cert, key = make_tls_cert(tmp_path)
+    server = NatsServer(args=["--tls", "--tlscert", str(cert), "--tlskey", str(key)]).start()
+    try:
+        assert asyncio.run(tls_round_trip(server.url, cert)) == b"over tls"
+        assert asyncio.run(refused_without_ca(server.url))
+    finally:
+        server.stop()
