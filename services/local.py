@@ -78,22 +78,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print token ids and text as JSON lines")
 
 
-def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        kv_memory_gb=args.kv_memory_gb,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-    )
-
-
 def run_generate(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer(args.model)
-    runtime = build_runtime(runtime_config(args))
+    runtime = build_runtime(RuntimeConfig.from_args(args))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

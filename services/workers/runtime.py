@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -36,6 +37,20 @@ class RuntimeConfig:
             raise ValueError(f"--block-size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RuntimeConfig:
+        """From the model flags every model-loading command shares."""
+        return cls(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            kv_memory_gb=args.kv_memory_gb,
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+        )
 
 
 @dataclass

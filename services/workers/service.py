@@ -123,7 +123,7 @@ class WorkerService:
         self.subjects = subjects_for(args)
         started = time.monotonic()
         self.runtime: Runtime = build_runtime(
-            _runtime_config(args), tty_progress("loading weights")
+            RuntimeConfig.from_args(args), tty_progress("loading weights")
         )
         log.info(
             "weights_loaded", model=str(args.model), seconds=round(time.monotonic() - started, 2)
@@ -382,19 +382,6 @@ class WorkerService:
             kv_address=self.receiver.address if self.receiver else None,
             nats=redact_url(self.args.nats),
         )
-
-
-def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        kv_memory_gb=args.kv_memory_gb,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-    )
 
 
 def _decode_chunk(worker_id: str, out: RequestOutput) -> StreamChunk:
