@@ -19,8 +19,11 @@ from disagg.services.bench.workload import WORKLOADS, WorkloadSpec
 
 COMPARE_DEFAULTS = dict(
     workload="mixed", input_len=32, output_len=64, long_input_len=512, long_output_len=8,
-    long_every=8, request_rate=1.0, duration_s=60.0, warmup=2, slo="ttft:3000,tpot:250",
+    long_every=4, request_rate=1.0, duration_s=60.0, warmup=2, slo="ttft:3000,tpot:250",
 )  # fmt: skip
+
+
+CONTENDED_SHARE = 0.05  # of all cores: above this, other work visibly slowed the run
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -176,6 +179,7 @@ def main_run(args: argparse.Namespace) -> int:
         result = asyncio.run(coro)
     doc = report.result_document(result.records, slos, config_of(args) | {"model": result.model})
     report.print_table(report.render_table({args.label: doc}, title=f"disagg bench {args.url}"))
+    report.print_failures({args.label: doc})
     _write_outputs(args, doc, {args.label: (result.records, result.started_at)})
     return 0 if doc["completed"] else 1
 
@@ -211,9 +215,13 @@ def main_compare(args: argparse.Namespace) -> int:
     results = _run_modes(args, modes, stack, trace, warmup)
     config = config_of(args) | {"model": str(model), "cpus": stack.cpus}
     docs = {m: report.result_document(r.records, slos, config) for m, r in results.items()}
+    for mode, r in results.items():
+        docs[mode]["other_cpu_share"] = r.other_cpu_share
     out = compare.compare_document(docs)
     table = report.render_table(docs, out.get("ratios"), title="disagg bench compare")
     report.print_table(table)
+    report.print_failures(docs)
+    _warn_contention(docs)
     _write_compare_outputs(args, out, compare.records_of(results))
     return 0 if all(d["completed"] for d in docs.values()) else 1
 
@@ -225,6 +233,14 @@ def _describe(args: argparse.Namespace, stack, trace) -> str:
         f"{stack.cpus or 'none (fewer cores than workers)'}; gateway, scheduler, NATS and this "
         f"load generator are not pinned; logs in {stack.log_dir}"
     )
+
+
+def _warn_contention(docs: dict) -> None:
+    for mode, doc in docs.items():
+        share = doc.get("other_cpu_share")
+        if share is not None:
+            note = "; its latencies are inflated" if share > CONTENDED_SHARE else ""
+            print(f"{mode}: other processes used {share:.0%} of this machine's CPU{note}")
 
 
 def _run_modes(args, modes, stack, trace, warmup) -> dict:

@@ -112,6 +112,9 @@ async def send_request(
             await _read_stream(resp, rec)
     except (httpx.HTTPError, TimeoutError, json.JSONDecodeError) as err:
         rec.error = f"{type(err).__name__}: {err}"
+    finally:
+        if rec.done_at is None:  # failed: when the client gave up or heard of the failure
+            rec.done_at = time.perf_counter()
     return rec
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from disagg.services.bench.metrics import RequestRecord, ratios
 from disagg.services.bench.runner import RunConfig, RunResult, run_trace
-from disagg.services.bench.stack import UpProcess
+from disagg.services.bench.stack import ForeignCpu, UpProcess
 from disagg.services.bench.workload import TraceRequest
 
 MODES = ("agg", "disagg")
@@ -73,10 +74,15 @@ def run_mode(
     warmup: list[TraceRequest],
     on_done=None,
 ) -> RunResult:
-    """Start the stack for `mode`, send the trace, stop the stack (on every exit path)."""
-    with UpProcess(up_args(mode, stack), ready_timeout_s=stack.ready_timeout_s) as up:
-        cfg = RunConfig(**{**run.__dict__, "base_url": up.base_url})
-        return asyncio.run(run_trace(cfg, trace, warmup=warmup, on_done=on_done))
+    """Start the stack for `mode`, send the trace, stop the stack (on every exit path). The
+    result says how much CPU other processes on this machine took meanwhile."""
+    log = stack.log_dir / mode / "up.log" if stack.log_dir is not None else None
+    with UpProcess(up_args(mode, stack), ready_timeout_s=stack.ready_timeout_s, log=log) as up:
+        cfg = dataclasses.replace(run, base_url=up.base_url)
+        watch = ForeignCpu({os.getpid()})  # this process and everything it started
+        result = asyncio.run(run_trace(cfg, trace, warmup=warmup, on_done=on_done))
+        result.other_cpu_share = watch.share()
+        return result
 
 
 def compare_document(

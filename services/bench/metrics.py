@@ -104,17 +104,16 @@ def parse_slos(spec: str | None) -> dict[str, float]:
     return slos
 
 
-def distribution_ms(name: str, values_s: Sequence[float]) -> dict[str, float]:
-    """mean/median/std and PERCENTILES of `values_s`, in ms, under vLLM's key names."""
-    arr = np.asarray(values_s, dtype=float) * 1e3 if len(values_s) else np.zeros(1)
-    stats = {
-        f"mean_{name}_ms": float(arr.mean()),
-        f"median_{name}_ms": float(np.median(arr)),
-        f"std_{name}_ms": float(arr.std()),
-    }
-    for p in PERCENTILES:
-        stats[f"p{_p_word(p)}_{name}_ms"] = float(np.percentile(arr, p))
-    return stats
+def distribution_ms(name: str, values_s: Sequence[float]) -> dict[str, float | None]:
+    """mean/median/std and PERCENTILES of `values_s`, in ms, under vLLM's key names (None for
+    no values, where vLLM would report 0)."""
+    keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"]
+    keys += [f"p{_p_word(p)}_{name}_ms" for p in PERCENTILES]
+    if not len(values_s):
+        return dict.fromkeys(keys)
+    arr = np.asarray(values_s, dtype=float) * 1e3
+    values = [arr.mean(), np.median(arr), arr.std(), *(np.percentile(arr, p) for p in PERCENTILES)]
+    return dict(zip(keys, map(float, values)))
 
 
 def _p_word(p: float) -> str:
@@ -181,7 +180,7 @@ def summarize(
     return summary | latency_stats(ok)
 
 
-def latency_stats(ok: Sequence[RequestRecord]) -> dict[str, float]:
+def latency_stats(ok: Sequence[RequestRecord]) -> dict[str, float | None]:
     """Distributions of TTFT, TPOT, ITL and E2EL over successful requests."""
     tpots = [t for t in map(tpot_s, ok) if t is not None]
     series = {
@@ -190,7 +189,7 @@ def latency_stats(ok: Sequence[RequestRecord]) -> dict[str, float]:
         "itl": [x for r in ok for x in itls_s(r)],
         "e2el": [e2el_s(r) for r in ok],
     }
-    stats: dict[str, float] = {}
+    stats: dict[str, float | None] = {}
     for name in LATENCIES:
         stats |= distribution_ms(name, series[name])
     return stats

@@ -58,13 +58,13 @@ def machine_info() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host_cpus": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "load_average": os.getloadavg(),
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -104,6 +104,15 @@ def render_table(
             cells.append(_cell(ratios.get(key), "{:.3f}", 1))
         table.add_row(label, *cells)
     return table
+
+
+def print_failures(docs: Mapping[str, Mapping[str, Any]]) -> None:
+    """One line per run with failed requests: how many, and the most common error."""
+    for label, doc in docs.items():
+        errors = [e for e in doc.get("errors", []) if e]
+        if errors:
+            common = max(set(errors), key=errors.count)
+            print(f"{label}: {len(errors)} requests failed, e.g. {common[:200]}")
 
 
 def print_table(table) -> None:

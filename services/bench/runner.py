@@ -57,6 +57,7 @@ class RunResult:
     records: list[RequestRecord]
     model: str
     started_at: float
+    other_cpu_share: float | None = None  # set by callers that know which processes are theirs
 
 
 async def run_trace(

@@ -26,11 +26,14 @@ READY_LINE = "processes:"
 class UpProcess:
     """One `disagg up`; use as a context manager (stopped on every exit path)."""
 
-    def __init__(self, up_args: Sequence[str], *, ready_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, up_args: Sequence[str], *, ready_timeout_s: float = 300.0, log: Path | None = None
+    ) -> None:
         self.port, self.nats_port = free_port(), free_port()
         self.argv = [*disagg_command(), "up", "--port", str(self.port)]
         self.argv += ["--nats-port", str(self.nats_port), *up_args]
         self.ready_timeout_s = ready_timeout_s
+        self.log = log  # also copy its output here
         self.lines: collections.deque[str] = collections.deque(maxlen=200)
         self._ready = threading.Event()
         self.proc: subprocess.Popen | None = None
@@ -66,10 +69,18 @@ class UpProcess:
 
     def _drain(self) -> None:
         # Always read: a full pipe would block the stack's logging.
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith(READY_LINE):
-                self._ready.set()
+        copy = None
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            copy = open(self.log, "a")  # noqa: SIM115 (open for as long as the pipe is)
+        with copy or contextlib.nullcontext():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if copy is not None:
+                    copy.write(line)
+                    copy.flush()
+                if line.startswith(READY_LINE):
+                    self._ready.set()
 
     def tail(self, n: int = 40) -> str:
         return "".join(list(self.lines)[-n:])
@@ -107,3 +118,53 @@ def descendant_pids(root: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def _busy_jiffies() -> int:
+    """CPU time all processes ran since boot, in clock ticks (all cores). Interrupt time is left
+    out: it belongs to no process, and loopback traffic of the stack itself makes much of it."""
+    user, nice, system = map(int, Path("/proc/stat").read_text().split()[1:4])
+    return user + nice + system
+
+
+def _process_jiffies(pids: set[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            # utime + stime, and cutime + cstime: children that exited and were waited for
+            total += sum(int(f) for f in fields[11:15])
+    return total
+
+
+class ForeignCpu:
+    """How much of the machine processes outside this benchmark used during a window.
+
+    Other work on the same cores inflates every latency the benchmark measures; this lets a
+    report say so instead of silently comparing a loaded run with a quiet one.
+    """
+
+    def __init__(self, roots: set[int]) -> None:
+        self.roots = roots
+        self.start = self._sample()
+
+    def _pids(self) -> set[int]:
+        pids = set(self.roots)
+        for root in self.roots:
+            pids |= descendant_pids(root)
+        return pids
+
+    def _sample(self) -> tuple[float, int, int] | None:
+        try:
+            return time.monotonic(), _busy_jiffies(), _process_jiffies(self._pids())
+        except OSError:  # no /proc here
+            return None
+
+    def share(self) -> float | None:
+        """Foreign CPU time / (elapsed x cores) since construction; None without /proc."""
+        end = self._sample()
+        if end is None or self.start is None:
+            return None
+        elapsed = (end[0] - self.start[0]) * (os.cpu_count() or 1)
+        foreign = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, foreign / os.sysconf("SC_CLK_TCK") / elapsed) if elapsed > 0 else None

@@ -1,0 +1,283 @@
+"""`disagg bench`: metric math on hand-made timelines, trace determinism, SSE parsing, the JSON
+keys, and a short run against a live tiny stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import httpx
+import numpy as np
+import pytest
+
+from disagg.services.bench import client as bench_client
+from disagg.services.bench import compare, metrics, report
+from disagg.services.bench.cli import main_run
+from disagg.services.bench.metrics import RequestRecord
+from disagg.services.bench.stack import UpProcess
+from disagg.services.bench.workload import WorkloadSpec, make_trace, warmup_trace
+from disagg.services.cli import build_parser
+
+
+def record(sent, chunks, done, out=None, kind="short", prompt_len=10, error=None):
+    """A RequestRecord from (time, tokens) chunk pairs."""
+    return RequestRecord(
+        kind=kind, sent_at=sent, prompt_len=prompt_len,
+        chunk_times=[t for t, _ in chunks], chunk_tokens=[k for _, k in chunks],
+        done_at=done, output_len=out, error=error,
+    )  # fmt: skip
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def test_request_latencies_from_a_timeline():
+    # first token at 0.5 s; then 1 token after 0.2 s; then 2 tokens together after 0.3 s
+    rec = record(1.0, [(1.5, 1), (1.7, 1), (2.0, 2)], done=2.1)
+    assert rec.num_output_tokens == 4
+    assert metrics.ttft_s(rec) == pytest.approx(0.5)
+    assert metrics.e2el_s(rec) == pytest.approx(1.1)
+    assert metrics.tpot_s(rec) == pytest.approx((1.1 - 0.5) / 3)
+    assert metrics.itls_s(rec) == pytest.approx([0.2, 0.15, 0.15])
+    assert sum(metrics.itls_s(rec)) == pytest.approx(2.0 - 1.5)
+    points = metrics.itl_timeline(rec, origin=1.0)
+    assert [x for p in points for x in p] == pytest.approx([0.7, 0.2, 1.0, 0.15, 1.0, 0.15])
+
+
+def test_usage_count_wins_and_first_chunk_tokens_have_no_itl():
+    rec = record(0.0, [(0.4, 3), (0.6, 1)], done=0.6, out=4)
+    assert metrics.itls_s(rec) == pytest.approx([0.2])
+    assert metrics.tpot_s(rec) == pytest.approx(0.2 / 3)
+    one = record(0.0, [(0.3, 1)], done=0.3)
+    assert metrics.tpot_s(one) is None and metrics.itls_s(one) == []
+
+
+def test_distribution_matches_numpy():
+    values = np.random.default_rng(0).exponential(0.1, 257).tolist()
+    stats = metrics.distribution_ms("itl", values)
+    ms = np.asarray(values) * 1e3
+    assert stats["mean_itl_ms"] == pytest.approx(ms.mean())
+    assert stats["median_itl_ms"] == pytest.approx(np.median(ms))
+    assert stats["std_itl_ms"] == pytest.approx(ms.std())
+    assert stats["p90_itl_ms"] == pytest.approx(np.percentile(ms, 90))
+    assert stats["p99_itl_ms"] == pytest.approx(np.percentile(ms, 99))
+    assert set(metrics.distribution_ms("itl", []).values()) == {None}
+
+
+def test_summary_throughput_goodput_and_failures():
+    good = record(0.0, [(0.1, 1), (0.2, 1), (0.3, 1)], done=0.3, prompt_len=7)
+    slow_first = record(0.5, [(1.5, 1), (1.6, 1)], done=1.6, prompt_len=5)  # TTFT 1000 ms
+    slow_decode = record(1.0, [(1.1, 1), (2.1, 1)], done=2.1, prompt_len=5)  # TPOT 1000 ms
+    failed = record(1.0, [], done=1.2, error="HTTP 500: boom")
+    recs = [good, slow_first, slow_decode, failed]
+    s = metrics.summarize(recs, {"ttft": 500, "tpot": 500})
+    assert s["duration"] == pytest.approx(2.1)  # first send -> last end
+    assert (s["completed"], s["failed"]) == (3, 1)
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (17, 7)
+    assert s["request_throughput"] == pytest.approx(3 / 2.1)
+    assert s["output_throughput"] == pytest.approx(7 / 2.1)
+    assert s["total_token_throughput"] == pytest.approx(24 / 2.1)
+    assert s["request_goodput"] == pytest.approx(1 / 2.1)
+    assert s["max_concurrent_requests"] == 3
+    assert s["mean_ttft_ms"] == pytest.approx((100 + 1000 + 100) / 3)
+    assert metrics.summarize(recs)["request_goodput"] is None
+    assert metrics.summarize(recs, {"e2el": 1200})["request_goodput"] == pytest.approx(3 / 2.1)
+    none_ok = metrics.summarize([failed])
+    assert none_ok["completed"] == 0 and none_ok["mean_ttft_ms"] is None
+
+
+def test_parse_slos_and_ratios():
+    assert metrics.parse_slos("ttft:500, tpot:50.5") == {"ttft": 500.0, "tpot": 50.5}
+    assert metrics.parse_slos(None) == {}
+    for bad in ("itl:5", "ttft", "ttft:-1"):
+        with pytest.raises(ValueError):
+            metrics.parse_slos(bad)
+    r = metrics.ratios({"a": 2.0, "b": 0, "c": None, "d": 4}, {"a": 1.0, "b": 3, "c": 1, "d": 2})
+    assert r == {"a": 0.5, "b": None, "d": 0.5}
+
+
+# -- workloads --------------------------------------------------------------------------------
+
+
+def test_same_seed_same_trace_and_rate_does_not_change_prompts():
+    spec = WorkloadSpec(workload="random", num_prompts=20, request_rate=4.0, seed=3)
+    assert make_trace(spec) == make_trace(spec)
+    other = make_trace(WorkloadSpec(workload="random", num_prompts=20, request_rate=4.0, seed=4))
+    assert [r.prompt_ids for r in other] != [r.prompt_ids for r in make_trace(spec)]
+    burst = make_trace(WorkloadSpec(workload="random", num_prompts=20, seed=3))
+    assert [r.prompt_ids for r in burst] == [r.prompt_ids for r in make_trace(spec)]
+    assert all(r.arrival_s == 0 for r in burst)
+    arrivals = [r.arrival_s for r in make_trace(spec)]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0 and arrivals[-1] > 0
+
+
+def test_random_lengths_are_exact_and_in_range():
+    spec = WorkloadSpec(workload="random", input_len=100, output_len=40, range_ratio=0.25)
+    trace = make_trace(spec)
+    assert all(75 <= r.prompt_len <= 125 and 30 <= r.output_len <= 50 for r in trace)
+    assert all(len(r.prompt_ids) == r.prompt_len for r in trace)
+    assert all(0 <= t < spec.vocab_size for r in trace for t in r.prompt_ids)
+
+
+def test_mixed_has_short_and_long_and_duration_cuts_the_trace():
+    spec = WorkloadSpec(
+        workload="mixed", input_len=8, output_len=16, long_input_len=200, long_output_len=2,
+        long_every=4, request_rate=10.0, num_prompts=None, duration_s=5.0,
+    )  # fmt: skip
+    trace = make_trace(spec)
+    assert trace and all(r.arrival_s < 5.0 for r in trace)
+    kinds = [r.kind for r in trace]
+    assert kinds[3] == "long" and kinds[:3] == ["short"] * 3
+    assert {(r.kind, r.prompt_len, r.output_len) for r in trace} == {
+        ("short", 8, 16),
+        ("long", 200, 2),
+    }
+    warm = warmup_trace(spec, 2)
+    assert len(warm) == 2 and all(r.kind == "warmup" and r.prompt_len == 8 for r in warm)
+
+
+class WordTokenizer:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [len(w) for w in text.split()]
+
+
+def test_sharegpt_first_turn_and_reply_length(tmp_path):
+    def conv(*turns):
+        return {"conversations": [{"from": w, "value": v} for w, v in zip(("human", "gpt"), turns)]}
+
+    convs = [conv("a b c d e", "x " * 6), conv("too short", "y " * 9), conv("only one turn")]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(convs))
+    spec = WorkloadSpec(workload="sharegpt", num_prompts=5, dataset_path=path)
+    trace = make_trace(spec, WordTokenizer())
+    assert [(r.prompt_text, r.prompt_len, r.output_len) for r in trace] == [("a b c d e", 5, 6)]
+    with pytest.raises(ValueError, match="tokenizer"):
+        make_trace(spec)
+
+
+# -- SSE and the client -----------------------------------------------------------------------
+
+
+def test_parse_sse_lines():
+    assert bench_client.parse_sse_line('data: {"a": 1}') == {"a": 1}
+    assert bench_client.parse_sse_line("data:[DONE]") == bench_client.DONE
+    for other in ("", ": keep-alive", "event: message", "id: 3"):
+        assert bench_client.parse_sse_line(other) is None
+
+
+def test_chunks_fold_into_a_record():
+    rec = RequestRecord(kind="short", sent_at=0.0, prompt_len=3)
+    chat_role = {"choices": [{"delta": {"role": "assistant", "content": ""}}]}
+    bench_client.apply_chunk(rec, chat_role, 0.1)
+    bench_client.apply_chunk(rec, {"choices": [{"text": "ab", "token_ids": [5, 6]}]}, 0.2)
+    bench_client.apply_chunk(rec, {"choices": [{"text": "c"}]}, 0.3)  # no ids: one token
+    usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}
+    bench_client.apply_chunk(rec, usage, 0.4)
+    assert (rec.chunk_times, rec.chunk_tokens, rec.token_ids) == ([0.2, 0.3], [2, 1], [5, 6])
+    assert (rec.prompt_len, rec.num_output_tokens) == (4, 3)
+    bench_client.apply_chunk(rec, {"error": {"message": "worker died"}}, 0.5)
+    assert rec.error == "worker died"
+
+
+def _sse(*objs) -> bytes:
+    return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs)
+
+
+def _send(handler, body=None):
+    async def go():
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport) as c:
+            rec = RequestRecord(kind="x", sent_at=0.0)
+            return await bench_client.send_request(c, "http://t/v1/completions", body or {}, rec, 5)
+
+    return asyncio.run(go())
+
+
+def test_send_request_reads_a_stream_and_reports_failures():
+    seen = []
+
+    def ok(request):
+        seen.append(json.loads(request.content))
+        chunks = _sse({"choices": [{"text": "a", "token_ids": [1]}]}, {"choices": [], "usage": {}})
+        return httpx.Response(200, content=chunks + b"data: [DONE]\n\n")
+
+    rec = _send(ok, {"prompt": [1, 2]})
+    assert rec.success and rec.chunk_tokens == [1] and seen == [{"prompt": [1, 2]}]
+    assert rec.sent_at <= rec.chunk_times[0] <= rec.done_at
+    busy = _send(lambda r: httpx.Response(429, json={"error": {"message": "full"}}))
+    assert not busy.success and busy.error.startswith("HTTP 429")
+    cut = _send(lambda r: httpx.Response(200, content=_sse({"choices": [{"text": "a"}]})))
+    assert not cut.success and "[DONE]" in cut.error
+
+
+def test_payloads_are_greedy_exact_length_streams():
+    req = make_trace(WorkloadSpec(num_prompts=1, input_len=5, output_len=7))[0]
+    body = bench_client.build_payload(req, "m", "completions")
+    assert body["prompt"] == list(req.prompt_ids) and body["max_tokens"] == 7
+    assert body["temperature"] == 0 and body["ignore_eos"] is True and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True} and body["return_token_ids"]
+    chat = bench_client.build_payload(req, "m", "chat", detokenize=lambda ids: "hi")
+    assert chat["messages"] == [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="tokenizer"):
+        bench_client.build_payload(req, "m", "chat")
+
+
+# -- JSON and compare -------------------------------------------------------------------------
+
+VLLM_KEYS = (
+    "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
+    "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",
+    "max_output_tokens_per_s", "max_concurrent_requests", "input_lens", "output_lens", "ttfts",
+    "itls", "latencies", "start_times", "errors",
+    *(f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el")
+      for s in ("mean", "median", "std", "p90", "p99")),
+)  # fmt: skip
+
+
+def test_result_document_uses_vllm_key_names(tmp_path):
+    recs = [record(0.0, [(0.1, 1), (0.2, 1)], 0.2), record(0.1, [(0.3, 2)], 0.3, kind="long")]
+    doc = report.result_document(recs, {"ttft": 150}, {"seed": 0})
+    assert set(VLLM_KEYS) <= set(doc)
+    assert set(doc["by_kind"]) == {"long", "short"} and doc["by_kind"]["long"]["completed"] == 1
+    path = tmp_path / "r.json"
+    report.write_json(path, doc)
+    assert json.loads(path.read_text())["request_goodput"] == pytest.approx(1 / 0.3)
+    both = compare.compare_document({"agg": doc, "disagg": doc})
+    assert both["ratios"]["mean_ttft_ms"] == 1.0 and set(both["modes"]) == {"agg", "disagg"}
+
+
+def test_compare_gives_both_modes_the_same_workers():
+    cfg = compare.StackConfig(model="/m", prefill=1, decode=1, cpus="0,1")
+    agg, dis = compare.up_args("agg", cfg), compare.up_args("disagg", cfg)
+    assert agg[agg.index("--mode") + 1] == "agg" and agg[agg.index("--decode") + 1] == "2"
+    assert dis[dis.index("--prefill") + 1] == "1" and dis[dis.index("--decode") + 1] == "1"
+    assert agg[agg.index("--cpus") + 1] == dis[dis.index("--cpus") + 1] == "0,1"
+    with pytest.raises(ValueError):
+        compare.parse_modes("agg,fast")
+
+
+# -- live -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_run_against_a_live_stack(checkpoints, tmp_path):
+    model = checkpoints(arch="llama")
+    up_flags = ["--model", str(model), "--mode", "agg", "--kv-memory-gb", "0.05"]
+    with UpProcess([*up_flags, "--block-size", "4"], ready_timeout_s=240) as up:
+        argv = ["bench", "run", "--url", up.base_url, "--workload", "mixed", "--num-prompts", "6"]
+        argv += ["--input-len", "8", "--output-len", "6", "--long-input-len", "64"]
+        argv += ["--long-every", "3", "--request-rate", "20", "--slo", "ttft:60000"]
+        argv += ["--json", str(tmp_path / "r.json"), "--plot-dir", str(tmp_path), "--no-progress"]
+        assert main_run(build_parser().parse_args(argv)) == 0
+    assert up.proc.poll() is not None  # stopped on the way out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert (doc["completed"], doc["failed"]) == (6, 0) and set(VLLM_KEYS) <= set(doc)
+    assert doc["output_lens"] == [6, 6, 8, 6, 6, 8] and doc["request_goodput"] > 0
+    assert doc["input_lens"] == [8, 8, 64, 8, 8, 64]
+    assert all(not math.isnan(doc[k]) for k in ("p99_itl_ms", "p99_ttft_ms"))
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "itl-cdf.png",
+        "itl-over-time.png",
+        "ttft-cdf.png",
+    ]
