@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: help setup test up lint format clean
 
 help:
-	@echo "make up     set up .venv and start disagg on a tiny built-in model"
+	@echo "make up     set up .venv and start the whole stack (disagg up) on a tiny built-in model"
 	@echo "make test   set up .venv and run the test suite"
 	@echo "make lint   ruff check + format check"
 
@@ -27,11 +27,8 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Until `disagg up` (the services) exists: a local generation demo on a tiny checkpoint.
 up: $(STAMP)
-	test -f $(VENV)/tiny-model/config.json || $(VENV)/bin/disagg tiny-model $(VENV)/tiny-model
-	$(VENV)/bin/disagg generate --model $(VENV)/tiny-model --max-tokens 24 \
-		--prompt "The market opened at seven." --prompt "She opened the window"
+	$(VENV)/bin/disagg up
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services shared kernels tests benchmarks
