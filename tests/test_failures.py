@@ -67,7 +67,8 @@ PREFILL_FLAGS = ("--max-num-batched-tokens", "64")
 def wait_until(predicate, timeout: float = WAIT_S, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while not (result := predicate()):
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what} not reached within {timeout} s")
         time.sleep(0.02)
     return result
 

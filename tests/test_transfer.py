@@ -72,7 +72,8 @@ def wait_results(receiver, *transfer_ids: str) -> dict[str, TransferResult]:
     results: dict[str, TransferResult] = {}
     deadline = time.monotonic() + WAIT_S
     while len(results) < len(transfer_ids):
-        assert time.monotonic() < deadline, f"results for {sorted(results)} only"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"results for {sorted(results)} only")
         for result in receiver.poll_completed(timeout=0.1):
             assert result.transfer_id in transfer_ids, result
             results[result.transfer_id] = result
@@ -86,7 +87,8 @@ def wait_result(receiver, transfer_id: str) -> TransferResult:
 def wait_dropped(receiver, reason: str, count: int) -> None:
     deadline = time.monotonic() + WAIT_S
     while receiver.dropped.get(reason, 0) < count:
-        assert time.monotonic() < deadline, f"dropped={receiver.dropped}, want {reason}>={count}"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"dropped={receiver.dropped}, want {reason}>={count}")
         time.sleep(0.01)
 
 
