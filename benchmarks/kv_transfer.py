@@ -31,16 +31,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
@@ -50,12 +47,13 @@ from typing import Any
 import torch
 import zmq
 
+from disagg.services.bench.checkpoint import BENCH_SPEC, bench_checkpoint
 from disagg.services.workers.decode import AdmitError, DecodeWorker
 from disagg.services.workers.prefill import PrefillJob, PrefillWorker
 from disagg.services.workers.runtime import Runtime, RuntimeConfig, build_runtime
 from disagg.shared.log import configure_logging
 from disagg.shared.sampling import SamplingParams
-from disagg.shared.tiny import TinySpec, parameter_count, write_tiny_checkpoint
+from disagg.shared.tiny import parameter_count
 from disagg.shared.transfer import (
     DEFAULT_MAX_CHUNK_BYTES,
     WIRE_DTYPES,
@@ -73,10 +71,6 @@ MODES: dict[str, tuple[str, str | None]] = {
     "int8": ("float32", "int8"),
 }
 MODE_LABELS = {"fp32": "fp32->fp32", "bf16": "bf16->bf16", "int8": "fp32->int8"}
-BENCH_SPEC = TinySpec(
-    arch="llama", vocab_size=16384, hidden_size=768, intermediate_size=2048, num_layers=12,
-    num_heads=12, num_kv_heads=4, max_position_embeddings=8192, init_std=0.02,
-)  # fmt: skip
 BLOCK_SIZE = 16
 SCALE_BYTES = 4  # one float32 scale per (kv, token, kv head) on the int8 wire
 READY_TIMEOUT_S = 300.0  # the child imports torch and loads the model on one busy core
@@ -87,24 +81,6 @@ CONTENDED_CPU_SHARE = 0.9  # prefill thread CPU time / wall time below this: the
 
 
 # -- setup ------------------------------------------------------------------------------------
-
-
-def default_checkpoint() -> Path:
-    """The ~100M-parameter random Llama, written once (atomically) under the user's cache dir."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tag = hashlib.sha256(repr(BENCH_SPEC).encode()).hexdigest()[:10]
-    folder = cache / "disagg" / "bench" / f"llama-{parameter_count(BENCH_SPEC) // 10**6}m-{tag}"
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".writing-"))
-    print(f"writing the benchmark checkpoint to {folder} ...", file=sys.stderr, flush=True)
-    write_tiny_checkpoint(tmp, BENCH_SPEC)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another run finished first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def pin_to_core(core: int) -> None:
@@ -645,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("warning")
     params = None
     if args.model is None:
-        args.model, params = default_checkpoint(), parameter_count(BENCH_SPEC)
+        args.model, params = bench_checkpoint(), parameter_count(BENCH_SPEC)
     info = machine_info(args, cores)
     print_header(info, args, params)
     results = {}

@@ -13,6 +13,7 @@ sampling. The decode worker's blocks are never touched here except through the K
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, replace
 
 from disagg.shared.engine import Engine, Request, RequestError
@@ -66,6 +67,7 @@ class PrefillWorker:
         self.max_queued_tokens = max_queued_tokens
         self._jobs: dict[str, PrefillJob] = {}
         self._handles: dict[str, SendHandle] = {}  # transfers begun, until their done frame left
+        self._sent: deque[SentTransfer] = deque(maxlen=4096)  # finished, until poll_sent
         self._failed: dict[str, str] = {}  # request id -> why its transfer broke during compute
         engine.on_layer = self._ship_layer
 
@@ -97,7 +99,7 @@ class PrefillWorker:
 
     def has_work(self) -> bool:
         """Prompts to run, or transfers whose last frames have not left yet."""
-        return self.engine.has_unfinished() or bool(self._handles)
+        return self.engine.has_unfinished() or any(not h.finished for h in self._handles.values())
 
     def step(self) -> list[PrefillResult]:
         """One engine iteration; returns the first tokens sampled (and failures)."""
@@ -107,6 +109,7 @@ class PrefillWorker:
             if job is None:  # aborted by us: nothing to report
                 continue
             results.append(self._complete(job, out.new_token_ids, out.finish_reason))
+        self._retire_finished()
         return results
 
     def _complete(self, job: PrefillJob, tokens: list[int], reason: str | None) -> PrefillResult:
@@ -148,10 +151,14 @@ class PrefillWorker:
         return handle
 
     def poll_sent(self) -> list[SentTransfer]:
-        """Transfers whose done frame has left (or that failed), for metrics and logs."""
-        done = []
+        """Transfers whose done frame has left (or that failed) since the last call, for metrics;
+        the newest 4096 are kept for a caller that polls late or never."""
+        self._retire_finished()
+        sent, self._sent = list(self._sent), deque(maxlen=self._sent.maxlen)
+        return sent
+
+    def _retire_finished(self) -> None:
         for request_id, handle in list(self._handles.items()):
             if handle.finished:
                 del self._handles[request_id]
-                done.append(SentTransfer(request_id, handle.stats, handle.error))
-        return done
+                self._sent.append(SentTransfer(request_id, handle.stats, handle.error))
