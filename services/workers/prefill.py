@@ -99,7 +99,9 @@ class PrefillWorker:
 
     def has_work(self) -> bool:
         """Prompts to run, or transfers whose last frames have not left yet."""
-        return self.engine.has_unfinished() or any(not h.finished for h in self._handles.values())
+        # Finished transfers count until step() retires them, so a loop that runs step() while
+        # has_work() also reports every transfer's end.
+        return self.engine.has_unfinished() or bool(self._handles)
 
     def step(self) -> list[PrefillResult]:
         """One engine iteration; returns the first tokens sampled (and failures)."""
