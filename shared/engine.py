@@ -135,6 +135,10 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._arrivals = 0
         self._pending_outputs: list[RequestOutput] = []
+        # Cumulative work done, for rate estimates: prompt tokens run through the model (cache
+        # hits excluded) and tokens sampled.
+        self.num_prefill_tokens_computed = 0
+        self.num_tokens_sampled = 0
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -343,6 +347,7 @@ class Engine:
         for req, n in plan.chunks:
             req.num_computed += n
             self._commit_full_blocks(req)
+        self.num_prefill_tokens_computed += sum(n for _, n in plan.chunks)
         for req in plan.decodes:
             req.num_computed += 1
             self._commit_full_blocks(req)
@@ -350,6 +355,7 @@ class Engine:
         tokens = sample(
             logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs]
         )
+        self.num_tokens_sampled += len(tokens)
         return list(zip(sampled_reqs, tokens))
 
     # -- finishing --------------------------------------------------------------------------

@@ -187,6 +187,14 @@ class BlockPool:
             block_ids.append(block_id)
         return block_ids
 
+    def cached_hashes(self, limit: int) -> list[int]:
+        """The hashes of up to ``limit`` cached blocks (held or evictable), newest commits
+        first: a bounded summary of what ``lookup_prefix`` would find, for routing."""
+        if limit <= 0:
+            return []
+        newest = reversed(self._block_of)  # dicts keep insertion (commit) order
+        return [h for _, h in zip(range(limit), newest)]
+
     def stats(self) -> dict[str, int]:
         """Block counts: total, free (allocatable), used (held), cached (evictable)."""
         return {

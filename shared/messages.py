@@ -224,6 +224,8 @@ class Heartbeat(Message):
 
     ``zmq_address`` is where the worker's KV receiver listens ("" when it has none, role both).
     ``prefix_hashes`` is a bounded summary of cached block hashes and may be empty.
+    ``prefill_tokens`` (prompt tokens computed), ``sampled_tokens`` and ``busy_s`` (seconds
+    spent in compute steps) are cumulative since the worker started: rates come from deltas.
     """
 
     worker_id: Id
@@ -241,6 +243,9 @@ class Heartbeat(Message):
     prefix_hashes: Hashes
     sent_at: Annotated[float, Range(0.0, math.inf)]  # unix time
     draining: bool
+    prefill_tokens: Count = 0
+    sampled_tokens: Count = 0
+    busy_s: Annotated[float, Range(0.0, math.inf)] = 0.0
 
 
 @dataclass(frozen=True)

@@ -172,10 +172,15 @@ def test_decode_prefers_free_blocks_then_fewer_running() -> None:
     assert place(table, PlaceInput(10), POLICY).decode_id == "b"
 
 
-def test_prefix_overlap_counts_leading_hashes_only() -> None:
-    table = table_of(report("x", prefix_hashes=[1, 3]), report("y", prefix_hashes=[2, 3]))
-    assert table.get("x").prefix_overlap([1, 2, 3]) == 1
-    assert table.get("y").prefix_overlap([1, 2, 3]) == 0
+def test_prefix_overlap_is_the_deepest_chained_hit() -> None:
+    # Hashes are chained: holding block i's hash means holding the prefix up to i, even when a
+    # truncated summary (newest hashes first) left out the shallower ones.
+    x, y, z = report("x", prefix_hashes=[3]), report("y", prefix_hashes=[1, 2]), report("z")
+    table = table_of(x, y, z, report("w", prefix_hashes=[7, 8]))
+    assert table.get("x").prefix_overlap([1, 2, 3]) == 3
+    assert table.get("y").prefix_overlap([1, 2, 3]) == 2
+    assert table.get("z").prefix_overlap([1, 2, 3]) == 0
+    assert table.get("w").prefix_overlap([1, 2, 3]) == 0
 
 
 @pytest.mark.parametrize(("running", "winner"), [(7, "cached"), (9, "idle")])
@@ -317,10 +322,36 @@ def test_conditional_disaggregation_on_uncached_tokens(
     assert decision == PlaceDecision("b", None if local else "p")
 
 
-def test_threshold_never_makes_a_decode_only_worker_prefill() -> None:
-    policy = PlacementPolicy(local_prefill_threshold_tokens=10_000)
+def test_threshold_lets_a_decode_only_worker_prefill_short_prompts() -> None:
+    # Conditional disaggregation: a short uncached part is prefilled where it is decoded.
+    policy = PlacementPolicy(local_prefill_threshold_tokens=64)
     table = table_of(report("d"), report("p", "prefill"))
-    assert place(table, PlaceInput(10), policy) == PlaceDecision("d", "p")
+    assert place(table, PlaceInput(10), policy) == PlaceDecision("d", None)
+    assert place(table, PlaceInput(64), policy) == PlaceDecision("d", "p")
+    # Uncached is what counts: 96 of 100 tokens cached on "d" leave 4 to compute.
+    cached = table_of(report("d", prefix_hashes=list(range(6))), report("p", "prefill"))
+    assert place(cached, PlaceInput(100, list(range(6))), policy) == PlaceDecision("d", None)
+    # With no prefill worker at all, short prompts are still served, long ones are not.
+    alone = table_of(report("d"))
+    assert place(alone, PlaceInput(10), policy) == PlaceDecision("d", None)
+    with pytest.raises(NoWorkerError):
+        place(alone, PlaceInput(100), policy)
+
+
+def test_prefill_choice_counts_its_queue_plus_what_it_must_compute() -> None:
+    # "p1" has the prompt's first 96 tokens cached: 4 to compute behind a 50-token queue beats
+    # "p2"'s 100 behind an empty one; past 96 queued tokens the idle one wins.
+    hashes = list(range(6))
+    p1 = report("p1", "prefill", prefix_hashes=hashes, queued_prefill_tokens=50)
+    table = table_of(report("d"), p1, report("p2", "prefill"))
+    assert place(table, PlaceInput(100, hashes), POLICY).prefill_id == "p1"
+    busy = dataclasses.replace(p1, queued_prefill_tokens=97)
+    table = table_of(report("d"), busy, report("p2", "prefill"))
+    assert place(table, PlaceInput(100, hashes), POLICY).prefill_id == "p2"
+    # Prefix-blind placement (for comparisons) sees only the queues.
+    blind = dataclasses.replace(POLICY, prefix_routing=False)
+    table = table_of(report("d"), p1, report("p2", "prefill"))
+    assert place(table, PlaceInput(100, hashes), blind).prefill_id == "p2"
 
 
 # --- rate matching ------------------------------------------------------------------------------
@@ -393,16 +424,24 @@ def test_property_placement_is_always_valid(
     table = _build(specs)
     request = PlaceInput(prompt_len, list(range(6)), frozenset(f"w{i}" for i in exclude))
     usable = [s for s in table.alive("decode") if s.worker_id not in request.exclude]
+    policy = PlacementPolicy(local_prefill_threshold_tokens=threshold)
+
+    def uncached(s) -> int:
+        return max(0, prompt_len - s.prefix_overlap(request.prefix_hashes) * s.report.block_size)
+
+    def self_prefills(s) -> bool:
+        return s.can_prefill or uncached(s) < threshold
+
     try:
-        decision = place(table, request, PlacementPolicy(local_prefill_threshold_tokens=threshold))
+        decision = place(table, request, policy)
     except PlacementError as err:
         if isinstance(err, NoWorkerError):
-            # A "both" worker can always prefill for itself, so it never lacks a prefill worker.
-            assert not (usable if err.role == "decode" else [s for s in usable if s.can_prefill])
+            # A worker that prefills for itself never lacks a prefill worker.
+            assert not (usable if err.role == "decode" else [s for s in usable if self_prefills(s)])
         if isinstance(err, NoCapacityError | PromptTooLongError):
             assert not any(s.blocks_for(prompt_len) <= s.report.free_blocks
                            and prompt_len < s.report.max_model_len
-                           and s.can_prefill for s in usable)  # fmt: skip
+                           and self_prefills(s) for s in usable)  # fmt: skip
         return
     decode = table.get(decision.decode_id)
     assert decode is not None and decode.can_decode and not decode.report.draining
@@ -410,8 +449,9 @@ def test_property_placement_is_always_valid(
     assert decode.blocks_for(prompt_len) <= decode.report.free_blocks
     assert prompt_len < decode.report.max_model_len
     if decision.prefill_id is None:
-        assert decode.can_prefill
+        assert self_prefills(decode)
         return
+    assert uncached(decode) >= threshold
     prefill = table.get(decision.prefill_id)
     assert prefill is not None and prefill.can_prefill and not prefill.report.draining
     assert prefill.worker_id not in request.exclude and prefill.worker_id != decode.worker_id

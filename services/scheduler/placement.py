@@ -39,6 +39,9 @@ class WorkerReport:
     prefix_hashes: list[int] = field(default_factory=list)
     sent_at: float = 0.0
     draining: bool = False
+    prefill_tokens: int = 0  # cumulative: prompt tokens computed
+    sampled_tokens: int = 0  # cumulative: tokens sampled
+    busy_s: float = 0.0  # cumulative: seconds spent in compute steps
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -87,15 +90,13 @@ class WorkerState:
     def prefix_overlap(self, prefix_hashes: Sequence[int]) -> int:
         """Number of leading ``prefix_hashes`` this worker has cached.
 
-        Hashes are chained, so a hit on block i implies the whole prefix up to i; the count
-        stops at the first miss.
+        Hashes are chained, so a hit on block i stands for the whole prefix up to i: the deepest
+        hit counts, even when the worker's bounded summary left out shallower blocks.
         """
-        n = 0
-        for h in prefix_hashes:
-            if h not in self.prefix_set:
-                break
-            n += 1
-        return n
+        for i in range(len(prefix_hashes) - 1, -1, -1):
+            if prefix_hashes[i] in self.prefix_set:
+                return i + 1
+        return 0
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,7 @@ class PlacementPolicy:
     prefix_weight: float = 0.5  # per unit of prompt already cached on the worker
     load_scale: float = 8.0  # requests in flight at which load is 0.5
     local_prefill_threshold_tokens: int = 0  # uncached prompts shorter than this prefill locally
+    prefix_routing: bool = True  # False: placement ignores every worker's prefix cache
     retry_after_s: float = 1.0  # one heartbeat: free-block counts are fresh by then
 
     def __post_init__(self) -> None:
@@ -318,15 +320,23 @@ def place(table: WorkerTable, request: PlaceInput, policy: PlacementPolicy) -> P
 
     Only pairs that can hand KV over are considered: a remote prefill worker must share the
     decode worker's model fingerprint and block size (the receiver rejects anything else).
+    A decode worker with no such partner is still usable when it prefills the prompt itself:
+    it is a "both" worker, or the prompt's uncached part is under the local-prefill threshold.
     Raises ``NoWorkerError`` when no usable worker of a needed role is alive,
     ``PromptTooLongError`` when no decode worker could ever hold the prompt, and
     ``NoCapacityError`` when some could but none has the free blocks now.
     """
+    if not policy.prefix_routing:
+        request = replace(request, prefix_hashes=())
     decodes = _candidates(table, "decode", request)
     if not decodes:
         raise NoWorkerError("decode")
     prefills = [s for s in _candidates(table, "prefill", request) if _could_ever_fit(s, request)]
-    reachable = [d for d in decodes if d.can_prefill or _remote_prefills(prefills, d)]
+    reachable = [
+        d
+        for d in decodes
+        if d.can_prefill or _prefills_locally(d, request, policy) or _remote_prefills(prefills, d)
+    ]
     if not reachable:
         raise NoWorkerError("prefill")
     decode = _choose_decode(reachable, request, policy)
@@ -389,22 +399,32 @@ def _choose_decode(
 def _choose_prefill(
     prefills: list[WorkerState], request: PlaceInput, decode: WorkerState, policy: PlacementPolicy
 ) -> str | None:
-    """Who prefills for ``decode``: None (locally) or the compatible prefill worker with the
-    fewest queued prefill tokens (ties: fewer running, then smaller id).
+    """Who prefills for ``decode``: None (the decode worker itself) or the compatible prefill
+    worker of least ``prefill_cost`` (ties: fewer running, then smaller id).
 
-    A "both" decode worker prefills locally when no dedicated prefill worker is usable, or when
-    the uncached part of the prompt is below ``policy.local_prefill_threshold_tokens`` (a
-    transfer would cost more than it saves). A decode-only worker always gets a remote one.
+    Conditional disaggregation: any decode worker prefills locally when the prompt's part it
+    has not cached is under ``policy.local_prefill_threshold_tokens`` (shipping KV would cost
+    more than it saves). A "both" worker also does when no dedicated prefill worker is usable.
     """
-    threshold = policy.local_prefill_threshold_tokens
-    if decode.can_prefill and _uncached_tokens(decode, request) < threshold:
+    if _prefills_locally(decode, request, policy):
         return None
     remote = _remote_prefills(prefills, decode)
     if not remote:
         assert decode.can_prefill, "place() only passes decode workers a prefill can reach"
         return None
-    key = lambda s: (s.report.queued_prefill_tokens, s.report.running, s.worker_id)
+    key = lambda s: (prefill_cost(s, request), s.report.running, s.worker_id)
     return min(remote, key=key).worker_id
+
+
+def prefill_cost(worker: WorkerState, request: PlaceInput) -> int:
+    """Tokens ``worker`` must compute before this prompt's KV is complete: its queue plus the
+    part of the prompt not in its own prefix cache (a prefill worker holding the prefix only
+    computes the suffix)."""
+    return worker.report.queued_prefill_tokens + _uncached_tokens(worker, request)
+
+
+def _prefills_locally(decode: WorkerState, request: PlaceInput, policy: PlacementPolicy) -> bool:
+    return _uncached_tokens(decode, request) < policy.local_prefill_threshold_tokens
 
 
 def _uncached_tokens(worker: WorkerState, request: PlaceInput) -> int:

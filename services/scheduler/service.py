@@ -41,7 +41,26 @@ log = get_logger("disagg.scheduler")
 
 def add_scheduler_args(p: argparse.ArgumentParser) -> None:
     add_nats_flags(p)
-    flag(p, "--local-prefill-threshold", type=int, default=0, help="tokens; 0 = always ship KV")
+    flag(
+        p,
+        "--local-prefill-threshold",
+        type=int,
+        default=0,
+        help="uncached prompt tokens below which the decode worker prefills itself; 0 = never",
+    )
+    flag(
+        p,
+        "--prefix-weight",
+        type=float,
+        default=PlacementPolicy.prefix_weight,
+        help="weight of cached-prefix overlap in decode placement",
+    )
+    flag(
+        p,
+        "--no-prefix-routing",
+        action="store_true",
+        help="place as if no worker had anything cached (for comparisons)",
+    )
 
 
 def report_of(hb: Heartbeat) -> WorkerReport:
@@ -55,7 +74,11 @@ class SchedulerService:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.subjects = subjects_for(args)
-        self.policy = PlacementPolicy(local_prefill_threshold_tokens=args.local_prefill_threshold)
+        self.policy = PlacementPolicy(
+            local_prefill_threshold_tokens=args.local_prefill_threshold,
+            prefix_weight=args.prefix_weight,
+            prefix_routing=not args.no_prefix_routing,
+        )
         self.watch: PeerWatch | None = None
 
     @property

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ from disagg.shared.transfer import KVReceiver, KVSender
 
 log = get_logger("disagg.worker")
 HEARTBEAT_S = 1.0
+MAX_REPORTED_HASHES = 4096  # prefix summary in a heartbeat: ~37 KB of msgpack
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +108,7 @@ def pin_cpus(spec: str | None) -> None:
         torch.set_num_threads(len(cpus))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stats:
     """What the heartbeat reports; written by the compute thread, read by the event loop."""
 
@@ -114,6 +116,10 @@ class Stats:
     running: int = 0
     waiting: int = 0
     queued_prefill_tokens: int = 0
+    prefill_tokens: int = 0
+    sampled_tokens: int = 0
+    busy_s: float = 0.0
+    prefix_hashes: tuple[int, ...] = ()
 
 
 class WorkerService:
@@ -128,7 +134,9 @@ class WorkerService:
         log.info(
             "weights_loaded", model=str(args.model), seconds=round(time.monotonic() - started, 2)
         )
+        self._hashes_at = -math.inf
         self.stats = Stats()
+        self._refresh_stats()
         self.draining = False
         self.gateways: dict[str, str] = {}  # request id -> gateway id (event loop only)
         self.receiver: KVReceiver | None = None
@@ -162,17 +170,30 @@ class WorkerService:
     # -- compute thread ---------------------------------------------------------------------
 
     def _step(self) -> list:
+        started = time.perf_counter()
         outputs = self.core.step()
         if self.role == "prefill":
             outputs += self.core.poll_sent()
-        engine, pool = self.runtime.engine, self.runtime.pool
+        self._refresh_stats(time.perf_counter() - started)
+        return outputs
+
+    def _refresh_stats(self, step_s: float = 0.0) -> None:
+        """Publish a new immutable Stats (compute thread only: it reads the engine and pool)."""
+        engine, pool, old = self.runtime.engine, self.runtime.pool, self.stats
+        now = time.monotonic()
+        hashes = old.prefix_hashes
+        if now - self._hashes_at >= HEARTBEAT_S:  # O(cached blocks): once a heartbeat at most
+            hashes, self._hashes_at = tuple(pool.cached_hashes(MAX_REPORTED_HASHES)), now
         self.stats = Stats(
             free_blocks=pool.num_free,
             running=len(engine.running),
             waiting=len(engine.waiting),
             queued_prefill_tokens=engine.num_queued_prefill_tokens,
+            prefill_tokens=engine.num_prefill_tokens_computed,
+            sampled_tokens=engine.num_tokens_sampled,
+            busy_s=old.busy_s + step_s,
+            prefix_hashes=hashes,
         )
-        return outputs
 
     # -- event loop -------------------------------------------------------------------------
 
@@ -332,7 +353,8 @@ class WorkerService:
     def _heartbeat(self) -> Heartbeat:
         rt, s = self.runtime, self.stats
         if not self.core.has_work():  # idle: no step refreshes the stats (e.g. after an abort)
-            s = Stats(free_blocks=rt.pool.num_free)
+            s = replace(s, free_blocks=rt.pool.num_free, running=0, waiting=0)
+            s = replace(s, queued_prefill_tokens=0)
         return Heartbeat(
             worker_id=self.worker_id,
             role=self.role,
@@ -346,9 +368,12 @@ class WorkerService:
             waiting=s.waiting,
             queued_prefill_tokens=s.queued_prefill_tokens,
             max_model_len=rt.engine.max_model_len,
-            prefix_hashes=[],
+            prefix_hashes=list(s.prefix_hashes),
             sent_at=time.time(),
             draining=self.draining,
+            prefill_tokens=s.prefill_tokens,
+            sampled_tokens=s.sampled_tokens,
+            busy_s=s.busy_s,
         )
 
     async def _drain(self) -> None:
