@@ -234,9 +234,7 @@ class WorkerService:
         req = decode(AdmitRequest, msg.data)
         if self.draining:
             return error_reply(f"worker {self.worker_id} is draining", 503)
-        local = req.prefill_id is None
-        if local and self.role != "both":
-            return error_reply("this decode worker does not prefill; pick a prefill worker", 400)
+        local = req.prefill_id is None  # aggregated, or conditional disaggregation
         self.gateways[req.request_id] = req.gateway_id
         if req.num_generated:
             log.info("migrated_in", request_id=req.request_id, num_generated=req.num_generated)
