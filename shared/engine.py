@@ -154,11 +154,14 @@ class Engine:
         first_token: int,
         block_ids: list[int],
         params: SamplingParams,
+        num_cached_tokens: int = 0,
     ) -> None:
         """Join the batch with the prompt's K/V already in `block_ids` (from a prefill worker).
 
-        On success the engine owns `block_ids` (allocated by the caller from this pool) and frees
-        them when the request ends; on RequestError the caller still owns them.
+        On success the engine owns `block_ids` (references the caller took from this pool:
+        allocated, or shared prefix-cache hits) and frees them when the request ends; on
+        RequestError the caller still owns them. `num_cached_tokens`: how many of the prompt's
+        tokens the caller found in this pool's prefix cache (reported, not recomputed).
         """
         needed = self._blocks_for(len(prompt))
         if len(block_ids) != needed:
@@ -168,6 +171,7 @@ class Engine:
         req = self._new_request(request_id, prompt, params)
         req.block_table = list(block_ids)
         req.num_computed = len(prompt)
+        req.num_cached_tokens = num_cached_tokens
         self._commit_full_blocks(req)
         req.status = Status.RUNNING
         self.running.append(req)
@@ -282,24 +286,28 @@ class Engine:
         return True
 
     def _reuse_cached_prefix(self, req: Request) -> None:
-        """Start `req` on the cached blocks of its longest cached prefix (they are shared).
-
-        The last token is always recomputed (its logits are needed), so the block holding it is
-        never a shared one: at most (num_tokens - 1) // block_size full blocks are reused.
-        """
-        if not self.config.enable_prefix_caching:
-            return
-        bs = self.pool.block_size
-        usable = (req.num_tokens - 1) // bs
-        tokens = [req.token_at(p) for p in range(usable * bs)]
-        hashes = prefix_block_hashes(tokens, bs)
-        hit = self.pool.lookup_prefix(hashes)
+        """Start `req` on the cached blocks of its longest cached prefix (they are shared)."""
+        hit = self.cached_prefix([req.token_at(p) for p in range(req.num_tokens)])
         if hit:
             self.pool.incref(hit)
-            req.block_table, req.block_hashes = list(hit), hashes[: len(hit)]
-            req.num_computed = len(hit) * bs
+            req.block_table = list(hit)
+            req.block_hashes = [self.pool.block_hash(b) for b in hit]
+            req.num_computed = len(hit) * self.pool.block_size
             if not req.output:
                 req.num_cached_tokens = req.num_computed
+
+    def cached_prefix(self, tokens: list[int]) -> list[int]:
+        """Block ids of the longest cached prefix of `tokens` worth reusing; no reference taken
+        (incref them before the next allocation).
+
+        The last token is always recomputed (its logits are needed), so the block holding it is
+        never a shared one: at most (len(tokens) - 1) // block_size full blocks are reused.
+        """
+        if not self.config.enable_prefix_caching:
+            return []
+        bs = self.pool.block_size
+        usable = (len(tokens) - 1) // bs
+        return self.pool.lookup_prefix(prefix_block_hashes(tokens[: usable * bs], bs))
 
     def _commit_full_blocks(self, req: Request) -> None:
         """Give every newly full block its chained content hash, so later requests can share it."""

@@ -266,12 +266,15 @@ class TransferReport(Message):
 
 @dataclass(frozen=True)
 class PlaceRequest(Message):
-    """Gateway -> scheduler: where should this request run? ``exclude``: workers to avoid."""
+    """Gateway -> scheduler: where should this request run? ``exclude``: workers to avoid.
+    ``prefix_hashes`` are the prompt's chained block hashes at ``hash_block_size`` tokens per
+    block; only workers with that block size can match them."""
 
     request_id: Id
     prompt_len: Annotated[int, Range(1, MAX_TOKENS)]
     prefix_hashes: Hashes
     exclude: Annotated[list[Id], Length(0, MAX_EXCLUDED)]
+    hash_block_size: Annotated[int, Range(1, 1 << 16)] = 16
 
 
 @dataclass(frozen=True)

@@ -348,6 +348,11 @@ def test_prefill_choice_counts_its_queue_plus_what_it_must_compute() -> None:
     busy = dataclasses.replace(p1, queued_prefill_tokens=97)
     table = table_of(report("d"), busy, report("p2", "prefill"))
     assert place(table, PlaceInput(100, hashes), POLICY).prefill_id == "p2"
+    # Hashes made at another block size match nothing.
+    other = PlaceInput(100, hashes, hash_block_size=8)
+    table = table_of(report("d"), p1, report("p2", "prefill"))
+    assert place(table, other, POLICY).prefill_id == "p2"
+    assert place(table, dataclasses.replace(other, hash_block_size=16), POLICY).prefill_id == "p1"
     # Prefix-blind placement (for comparisons) sees only the queues.
     blind = dataclasses.replace(POLICY, prefix_routing=False)
     table = table_of(report("d"), p1, report("p2", "prefill"))

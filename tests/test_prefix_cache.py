@@ -10,8 +10,9 @@ import torch
 from disagg.services.workers.decode import DecodeWorker
 from disagg.services.workers.prefill import PrefillJob, PrefillWorker
 from disagg.services.workers.runtime import RuntimeConfig, build_runtime
+from disagg.shared.engine import RequestError
 from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import KVReceiver, KVSender
+from disagg.shared.transfer import KVReceiver, KVSender, TransferDescriptor
 from tests.conftest import assert_pool_full, hf_greedy
 from tests.test_engine import make_engine
 
@@ -98,17 +99,93 @@ def test_both_roles_cache_and_disagg_output_is_unchanged(checkpoints):
         receiver.close()
 
 
-def drive(prefill: PrefillWorker, decode: DecodeWorker, rid: str, timeout: float = 60.0):
+def drive(
+    prefill: PrefillWorker, decode: DecodeWorker, rid: str, timeout: float = 60.0, stats=None
+):
+    """Run the pair until `rid` finishes; its output tokens. With `stats` (a dict), also record
+    `stats[rid] = (decode's cached tokens, prefill's cached tokens)` and return
+    (tokens, transfers sent meanwhile)."""
     out: dict[int, int] = {}
+    sent, prefill_cached = [], 0
     deadline = time.monotonic() + timeout
     while True:
         if time.monotonic() >= deadline:
             pytest.fail("request did not finish")
         if prefill.has_work():
-            prefill.step()
-            prefill.poll_sent()
+            for result in prefill.step():
+                prefill_cached = result.num_cached_tokens
+            sent += prefill.poll_sent()
         for o in decode.step():
             out.update({o.index + i: t for i, t in enumerate(o.new_token_ids)})
             if o.finished and o.request_id == rid:
-                return [out[i] for i in sorted(out)]
+                tokens_out = [out[i] for i in sorted(out)]
+                if stats is None:
+                    return tokens_out
+                while prefill.has_work():  # the done frame left before decode could finish
+                    prefill.step()
+                    sent += prefill.poll_sent()
+                stats[rid] = (o.num_cached_tokens, prefill_cached)
+                return tokens_out, sent
         time.sleep(0.001)
+
+
+def test_decode_held_prefix_ships_only_the_suffix(checkpoints):
+    """A prompt whose prefix is cached on its decode worker: decode reserves only the suffix's
+    blocks and the prefill worker ships only those, whether it has the prefix cached itself
+    (computes only the suffix) or not (recomputes the prefix, still ships only the suffix)."""
+    path = checkpoints(arch="llama")
+    cfg = RuntimeConfig(model=path, num_blocks=64, block_size=BLOCK)
+    warm_rt, cold_rt, d_rt = build_runtime(cfg), build_runtime(cfg), build_runtime(cfg)
+    senders = [KVSender(warm_rt.fingerprint), KVSender(cold_rt.fingerprint)]
+    receiver = KVReceiver("127.0.0.1")
+    try:
+        warm, cold = (PrefillWorker(rt.engine, s) for rt, s in zip((warm_rt, cold_rt), senders))
+        decode = DecodeWorker(d_rt.engine, receiver, fingerprint=d_rt.fingerprint)
+        prefix = tokens(8, 17)  # 4 full blocks + 1 token
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        sent: dict[str, int] = {}
+        cached: dict[str, tuple[int, int]] = {}
+
+        def serve(rid: str, prompt: list[int], prefill: PrefillWorker) -> list[int]:
+            transfer = decode.admit(rid, prompt, params)
+            prefill.submit(PrefillJob(rid, prompt, params, transfer))
+            out, first = drive(prefill, decode, rid, stats=cached)
+            sent[rid] = sum(t.stats.payload_bytes for t in first)
+            return out
+
+        first = prefix + tokens(9, 3)
+        assert serve("first", first, warm) == hf_greedy(path, first, 6)
+        for seed, rid, prefill in ((10, "warm", warm), (11, "cold", cold)):
+            prompt = prefix + tokens(seed, 6)
+            assert serve(rid, prompt, prefill) == hf_greedy(path, prompt, 6)
+        # 5 blocks for "first"; then 4 blocks of the prefix stay on decode, 2 of 6 are shipped.
+        block_bytes = sent["first"] // 5
+        assert sent["warm"] == sent["cold"] == 2 * block_bytes
+        # Decode reports the 16 prefix tokens it held; only the warm prefill skipped compute.
+        assert cached["warm"] == (16, 16) and cached["cold"] == (16, 0)
+        assert cached["first"] == (0, 0)
+        for rt in (warm_rt, cold_rt, d_rt):
+            assert_pool_full(rt.pool)
+    finally:
+        for endpoint in (*senders, receiver):
+            endpoint.close()
+
+
+def test_prefill_refuses_a_transfer_that_does_not_end_at_the_prompt(checkpoints):
+    rt = build_runtime(RuntimeConfig(model=checkpoints(arch="llama"), num_blocks=16, block_size=4))
+    sender = KVSender(rt.fingerprint)
+    try:
+        prefill = PrefillWorker(rt.engine, sender)
+        prompt, params = tokens(12, 9), SamplingParams(max_tokens=1)  # 3 blocks
+        for first_block, n in ((1, 1), (0, 2), (2, 2)):
+            transfer = TransferDescriptor.new(
+                address="tcp://127.0.0.1:1", block_ids=list(range(n)), block_size=4,
+                num_layers=rt.engine.kv_cache.num_layers, wire_dtype="float32",
+                model_fingerprint=rt.fingerprint, deadline_s=5.0, first_block=first_block,
+            )  # fmt: skip
+            with pytest.raises(RequestError, match="do not end with the prompt's last block"):
+                prefill.submit(PrefillJob(f"r{first_block}{n}", prompt, params, transfer))
+        assert not prefill.has_work()
+        assert_pool_full(rt.pool)
+    finally:
+        sender.close()

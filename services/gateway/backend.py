@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
 
@@ -118,6 +119,7 @@ class _Stream:
     final_len: int | None = None
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
 
     def push(self, item: StreamChunk | _WorkerDied | _Resync) -> None:
         try:
@@ -138,12 +140,15 @@ class _Stream:
             self.final_len = chunk.index + len(chunk.token_ids)
             self.finish_reason = chunk.finish_reason
         self.num_prompt_tokens = max(self.num_prompt_tokens, chunk.num_prompt_tokens)
+        # Prefill reports its own cache hits, decode the prefix it did not need shipped.
+        self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
         ready = []
         while self.next_index in self.tokens:
             ready.append(self.tokens.pop(self.next_index))
             self.next_index += 1
         done = self.final_len is not None and self.next_index >= self.final_len
-        return TokenEvent(ready, self.finish_reason if done else None, self.num_prompt_tokens)
+        reason = self.finish_reason if done else None
+        return TokenEvent(ready, reason, self.num_prompt_tokens, self.num_cached_tokens)
 
     def _check_contiguous(self, chunk: StreamChunk) -> None:
         # One publisher's messages arrive in order: a skipped index means lost chunks.
@@ -190,7 +195,7 @@ class Backend:
         timeouts: Timeouts = Timeouts(),
         migration_limit: int = 3,
         missed_heartbeats: int = 3,
-        wire_block_size: int = 16,
+        default_block_size: int = 16,
     ) -> None:
         if migration_limit < 0:
             raise ValueError(f"--migration-limit must be >= 0, got {migration_limit}")
@@ -199,7 +204,7 @@ class Backend:
         self.peers = PeerWatch(lambda: nc.is_connected, missed_heartbeats)
         self._streams: dict[str, _Stream] = {}  # attempt id -> stream
         self._deaths: dict[str, asyncio.Event] = {}  # worker id -> set when declared dead
-        self._hash_block_size = wire_block_size
+        self._default_block_size = default_block_size
         self._tasks: asyncio.TaskGroup | None = None
         self.on_heartbeat: Callable[[WorkerReport], None] | None = None
         self.on_transfer: Callable[[TransferReport], None] | None = None
@@ -271,6 +276,12 @@ class Backend:
             log.info("worker_joined", worker_id=report.worker_id, role=report.role)
         if self.on_heartbeat is not None:
             self.on_heartbeat(report)
+
+    def _hash_block_size(self) -> int:
+        """The block size most decode workers use (their prefix caches are what placement
+        matches the prompt's hashes against); the default before any heartbeat."""
+        sizes = Counter(w.report.block_size for w in self.peers.table.alive("decode"))
+        return sizes.most_common(1)[0][0] if sizes else self._default_block_size
 
     def alive_workers(self) -> list[WorkerState]:
         self.expire()
@@ -399,11 +410,13 @@ class Backend:
     async def _place_excluding(
         self, attempt_id: str, prompt: list[int], excluded: set[str]
     ) -> PlaceReply:
+        block_size = self._hash_block_size()
         request = PlaceRequest(
             request_id=attempt_id,
             prompt_len=len(prompt),
-            prefix_hashes=prefix_block_hashes(prompt, self._hash_block_size),
+            prefix_hashes=prefix_block_hashes(prompt, block_size),
             exclude=sorted(excluded),
+            hash_block_size=block_size,
         )
         return await self._call(
             self.subjects.place, request, PlaceReply, self.timeouts.place_s, "scheduler"

@@ -161,11 +161,13 @@ class Gateway:
         start = last = time.monotonic()
         detok = StreamDetokenizer(self.ctx.tokenizer, req.stop, req.prompt_token_ids)
         ids: list[int] = []
-        reason = "error"
+        reason, cached, served = "error", 0, False
         try:
             async for event in self.backend.generate(
                 req.request_id, req.prompt_token_ids, req.params
             ):
+                # After a migration a worker may have cached generated tokens too: cap.
+                cached, served = min(req.prompt_len, max(cached, event.num_cached_tokens)), True
                 now = time.monotonic()
                 self._observe_tokens(len(ids), len(event.token_ids), now - start, now - last)
                 last = now
@@ -175,7 +177,7 @@ class Gateway:
                 if delta.stopped or event.finish_reason is not None:
                     reason = "stop" if delta.stopped else event.finish_reason
                     tail = detok.flush()
-                    usage = oai.usage(req.prompt_len, len(ids))
+                    usage = oai.usage(req.prompt_len, len(ids), cached)
                     yield Finished(
                         delta.text + tail.text, delta.token_ids + tail.token_ids, reason, usage
                     )
@@ -186,6 +188,8 @@ class Gateway:
             raise _api_error(err) from None
         finally:
             slot.release()
+            if served:
+                self.metrics.observe_prefix_cache(req.prompt_len, cached)
             self.metrics.observe_request_finished(
                 prompt_tokens=req.prompt_len,
                 generation_tokens=len(ids),

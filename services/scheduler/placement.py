@@ -271,7 +271,8 @@ class PlacementPolicy:
 class PlaceInput:
     """What placement needs to know about one request.
 
-    ``prefix_hashes`` are the chained hashes of the prompt's full blocks (``prefix_block_hashes``);
+    ``prefix_hashes`` are the chained hashes of the prompt's full blocks (``prefix_block_hashes``)
+    at ``hash_block_size`` tokens per block (workers of another block size cannot match them);
     ``exclude`` holds workers that already failed this request; ``model``, when set, restricts
     placement to workers serving that model.
     """
@@ -280,6 +281,7 @@ class PlaceInput:
     prefix_hashes: Sequence[int] = ()
     exclude: frozenset[str] = frozenset()
     model: str | None = None
+    hash_block_size: int | None = None  # None: every worker's block size
 
     def __post_init__(self) -> None:
         if self.prompt_len <= 0:
@@ -389,7 +391,7 @@ def _choose_decode(
         raise NoCapacityError(needed, policy.retry_after_s)
 
     def key(s: WorkerState) -> tuple[float, int, int, str]:
-        overlap = s.prefix_overlap(request.prefix_hashes)
+        overlap = _overlap(s, request)
         cost = decode_cost(s, request.prompt_len, overlap, policy)
         return (cost, -s.report.free_blocks, s.report.running, s.worker_id)
 
@@ -428,8 +430,16 @@ def _prefills_locally(decode: WorkerState, request: PlaceInput, policy: Placemen
 
 
 def _uncached_tokens(worker: WorkerState, request: PlaceInput) -> int:
-    cached = worker.prefix_overlap(request.prefix_hashes) * worker.report.block_size
+    cached = _overlap(worker, request) * worker.report.block_size
     return max(0, request.prompt_len - cached)
+
+
+def _overlap(worker: WorkerState, request: PlaceInput) -> int:
+    """Leading blocks of the request's prompt cached on ``worker``."""
+    size = request.hash_block_size
+    if size is not None and size != worker.report.block_size:
+        return 0
+    return worker.prefix_overlap(request.prefix_hashes)
 
 
 # --- rate matching -------------------------------------------------------------------------------

@@ -113,7 +113,12 @@ class SchedulerService:
         req = decode(PlaceRequest, msg.data)
         for worker_id in self.watch.expire():
             log.warning("worker_dead", worker_id=worker_id)
-        request = PlaceInput(req.prompt_len, tuple(req.prefix_hashes), frozenset(req.exclude))
+        request = PlaceInput(
+            req.prompt_len,
+            tuple(req.prefix_hashes),
+            frozenset(req.exclude),
+            hash_block_size=req.hash_block_size,
+        )
         try:
             decision = place(self.table, request, self.policy)
         except PlacementError as err:

@@ -3,8 +3,10 @@
 No NATS here: a shell calls `admit`/`abort` and `step()` in a loop and publishes the outputs.
 
 Block ownership, step by step:
-1. `admit` allocates the prompt's blocks from this worker's pool and registers the transfer with
-   the KVReceiver. This worker owns them (`_pending`); the receiver only writes into them.
+1. `admit` takes a reference on the prompt's blocks already in this worker's prefix cache (the
+   longest cached prefix), allocates the rest from its pool and registers a transfer of only
+   those with the KVReceiver (the descriptor's `first_block` tells the prefill worker which to
+   skip). This worker owns them all (`_pending`); the receiver only writes into the new ones.
 2. The transfer completes: ownership passes to the engine (`Engine.add_prefilled`), which frees
    them when the request finishes or is aborted.
 3. The transfer fails, passes its deadline, its prefill worker is declared dead
@@ -52,6 +54,12 @@ class _Pending:
     params: SamplingParams
     transfer: TransferDescriptor
     prefill_id: str | None = None
+    cached_blocks: tuple[int, ...] = ()  # prefix-cache hits, before transfer.block_ids
+
+    @property
+    def block_ids(self) -> list[int]:
+        """Every block of the prompt, in sequence order: cached, then transferred."""
+        return [*self.cached_blocks, *self.transfer.block_ids]
 
 
 class DecodeWorker:
@@ -99,8 +107,11 @@ class DecodeWorker:
         self._check_new(request_id, prompt)
         if self.num_held >= self.engine.config.max_num_seqs:
             raise AdmitError(f"busy: {self.num_held} requests held", 429)
-        blocks_needed = -(-len(prompt) // self.pool.block_size)
+        cached = self.engine.cached_prefix(prompt)
+        self.pool.incref(cached)  # before allocating: the hits must not be evicted for it
+        blocks_needed = -(-len(prompt) // self.pool.block_size) - len(cached)
         if not self.pool.can_allocate(blocks_needed):
+            self.pool.free(cached)
             raise AdmitError(
                 f"no room: {blocks_needed} blocks needed, {self.pool.num_free} free", 429
             )
@@ -113,16 +124,17 @@ class DecodeWorker:
             wire_dtype=self.wire_dtype,
             model_fingerprint=self.fingerprint,
             deadline_s=self.transfer_deadline_s,
+            first_block=len(cached),
         )
         try:
             self.receiver.expect(transfer, self.engine.kv_cache.data)
         except TransferError as err:  # the receiver's own bound (transfers in flight)
-            self.pool.free(block_ids)
+            self.pool.free([*cached, *block_ids])
             raise AdmitError(str(err), 429) from None
         except Exception:
-            self.pool.free(block_ids)
+            self.pool.free([*cached, *block_ids])
             raise
-        pending = _Pending(request_id, list(prompt), params, transfer, prefill_id)
+        pending = _Pending(request_id, list(prompt), params, transfer, prefill_id, tuple(cached))
         self._pending[transfer.transfer_id] = pending
         self._by_request[request_id] = transfer.transfer_id
         return transfer
@@ -188,11 +200,12 @@ class DecodeWorker:
                 pending.request_id,
                 pending.prompt,
                 result.first_token,
-                list(pending.transfer.block_ids),
+                pending.block_ids,
                 pending.params,
+                num_cached_tokens=len(pending.cached_blocks) * self.pool.block_size,
             )
         except RequestError as err:
-            self.pool.free(pending.transfer.block_ids)
+            self.pool.free(pending.block_ids)
             return _error_output(pending, str(err))
         return None  # the engine reports the first token in its next step (below)
 
@@ -209,7 +222,7 @@ class DecodeWorker:
             return None
         self._by_request.pop(pending.request_id, None)
         if not keep_blocks:
-            self.pool.free(pending.transfer.block_ids)
+            self.pool.free(pending.block_ids)
         return pending
 
 

@@ -26,12 +26,15 @@ class ComputeLoop:
         has_work: Callable[[], bool],
         on_outputs: Callable[[list], None],
         *,
+        on_idle: Callable[[], None] | None = None,
         idle_wait_s: float = 0.05,
         busy_wait_s: float = 0.001,
         max_commands: int = 4096,
     ) -> None:
-        """`on_outputs` runs on the event loop with each non-empty step's outputs."""
+        """`on_outputs` runs on the event loop with each non-empty step's outputs; `on_idle` on
+        the compute thread after each idle wait (commands may have changed the core)."""
         self._step, self._has_work, self._on_outputs = step, has_work, on_outputs
+        self._on_idle = on_idle
         self._idle_wait_s, self._busy_wait_s = idle_wait_s, busy_wait_s
         self._commands: queue.Queue = queue.Queue(maxsize=max_commands)
         self._stop = threading.Event()
@@ -75,6 +78,8 @@ class ComputeLoop:
                     outputs = self._step()
                     if outputs:
                         self._loop.call_soon_threadsafe(self._on_outputs, outputs)
+                elif self._on_idle is not None:
+                    self._on_idle()
         except BaseException as err:  # fatal: log the state and let the shell exit non-zero
             self.failed = err
             log.exception("compute_loop_failed")

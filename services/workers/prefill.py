@@ -49,6 +49,7 @@ class PrefillResult:
     request_id: str
     first_token: int | None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens this worker found in its prefix cache
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ class PrefillWorker:
         """Queue a prompt; raises QueueFullError or RequestError (never serveable)."""
         if job.request_id in self._jobs:
             raise RequestError(f"request id {job.request_id!r} is already in use")
+        t = job.transfer
+        if t.first_block + len(t.block_ids) != -(-len(job.prompt) // t.block_size):
+            raise RequestError(
+                f"the transfer's blocks {t.first_block}..{t.first_block + len(t.block_ids) - 1} "
+                f"do not end with the prompt's last block ({len(job.prompt)} tokens)"
+            )
         if self.queued_prefill_tokens + len(job.prompt) > self.max_queued_tokens:
             raise QueueFullError(f"{self.queued_prefill_tokens} prefill tokens already queued")
         # One token here; the decode worker generates the rest. EOS is decode's to judge.
@@ -110,7 +117,8 @@ class PrefillWorker:
             job = self._jobs.pop(out.request_id, None)
             if job is None:  # aborted by us: nothing to report
                 continue
-            results.append(self._complete(job, out.new_token_ids, out.finish_reason))
+            result = self._complete(job, out.new_token_ids, out.finish_reason)
+            results.append(replace(result, num_cached_tokens=out.num_cached_tokens))
         self._retire_finished()
         return results
 
@@ -148,7 +156,9 @@ class PrefillWorker:
         handle = self._handles.get(req.request_id)
         if handle is None:
             job = self._jobs[req.request_id]
-            handle = self.sender.begin(job.transfer, req.block_table, self.engine.kv_cache.data)
+            # Blocks before `first_block` are in the decode worker's prefix cache: not shipped.
+            blocks = req.block_table[job.transfer.first_block :]
+            handle = self.sender.begin(job.transfer, blocks, self.engine.kv_cache.data)
             self._handles[req.request_id] = handle
         return handle
 

@@ -18,7 +18,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -142,7 +142,9 @@ class WorkerService:
         self.receiver: KVReceiver | None = None
         self.sender: KVSender | None = None
         self.core = self._build_core()
-        self.loop = ComputeLoop(self._step, self.core.has_work, self._on_outputs)
+        self.loop = ComputeLoop(
+            self._step, self.core.has_work, self._on_outputs, on_idle=self._refresh_stats
+        )
         self._publish: asyncio.Queue = asyncio.Queue(maxsize=65536)  # (subject, message)
         self.nc = None
         self.peers: PeerWatch | None = None  # prefill workers, by their heartbeats
@@ -178,7 +180,8 @@ class WorkerService:
         return outputs
 
     def _refresh_stats(self, step_s: float = 0.0) -> None:
-        """Publish a new immutable Stats (compute thread only: it reads the engine and pool)."""
+        """Publish a new immutable Stats (compute thread only: it reads the engine and pool);
+        after every step, and every idle wait (an abort or an admit changes the pool too)."""
         engine, pool, old = self.runtime.engine, self.runtime.pool, self.stats
         now = time.monotonic()
         hashes = old.prefix_hashes
@@ -349,10 +352,7 @@ class WorkerService:
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
 
     def _heartbeat(self) -> Heartbeat:
-        rt, s = self.runtime, self.stats
-        if not self.core.has_work():  # idle: no step refreshes the stats (e.g. after an abort)
-            s = replace(s, free_blocks=rt.pool.num_free, running=0, waiting=0)
-            s = replace(s, queued_prefill_tokens=0)
+        rt, s = self.runtime, self.stats  # refreshed by every step, and when idle
         return Heartbeat(
             worker_id=self.worker_id,
             role=self.role,
@@ -437,7 +437,7 @@ def _prefill_chunk(worker_id: str, result) -> StreamChunk:
     return StreamChunk(
         request_id=result.request_id, worker_id=worker_id, index=0,
         token_ids=[result.first_token], finish_reason=None, num_prompt_tokens=0,
-        num_cached_tokens=0, error=None,
+        num_cached_tokens=result.num_cached_tokens, error=None,
     )  # fmt: skip
 
 

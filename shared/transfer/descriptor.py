@@ -8,7 +8,7 @@ import math
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import torch
@@ -41,8 +41,11 @@ class TransferDescriptor:
     """What the decode worker hands out so one prefill worker may fill its reserved blocks.
 
     ``block_ids`` are the decode worker's reserved blocks in sequence order; it owns them (see
-    ``disagg.shared.transfer.receiver``). ``block_size`` is tokens per block, which the caches of
-    both sides must share. ``deadline_s`` counts from the receiver's ``expect``.
+    ``disagg.shared.transfer.receiver``). ``first_block`` is the sequence index of
+    ``block_ids[0]``: the decode worker already holds the blocks before it (a prefix-cache hit),
+    so only the prompt's blocks from ``first_block`` on are shipped. ``block_size`` is tokens
+    per block, which the caches of both sides must share. ``deadline_s`` counts from the
+    receiver's ``expect``.
     """
 
     transfer_id: str
@@ -54,6 +57,7 @@ class TransferDescriptor:
     wire_dtype: str
     model_fingerprint: str
     deadline_s: float
+    first_block: int = 0
 
     def __post_init__(self) -> None:
         _check_str("transfer_id", self.transfer_id)
@@ -77,6 +81,7 @@ class TransferDescriptor:
         if type(deadline) not in (int, float) or not (math.isfinite(deadline) and deadline > 0):
             raise ValueError(f"deadline_s must be a positive finite number, got {deadline!r:.60}")
         object.__setattr__(self, "deadline_s", float(deadline))
+        _check_int("first_block", self.first_block, 0, MAX_BLOCKS)
 
     @classmethod
     def new(
@@ -89,6 +94,7 @@ class TransferDescriptor:
         wire_dtype: str,
         model_fingerprint: str,
         deadline_s: float,
+        first_block: int = 0,
     ) -> TransferDescriptor:
         """A descriptor with a fresh random transfer id and one-time token."""
         return cls(
@@ -101,6 +107,7 @@ class TransferDescriptor:
             wire_dtype=wire_dtype,
             model_fingerprint=model_fingerprint,
             deadline_s=deadline_s,
+            first_block=first_block,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +122,8 @@ class TransferDescriptor:
         if not isinstance(data, dict):
             raise ValueError(f"descriptor must be a map, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        missing, unexpected = names - data.keys(), data.keys() - names
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing, unexpected = required - data.keys(), data.keys() - names
         if missing or unexpected:
             raise ValueError(
                 f"descriptor keys: missing {sorted(missing)}, unexpected "
