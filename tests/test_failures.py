@@ -123,7 +123,10 @@ def cluster(checkpoints, tmp_path_factory):
         "decode-a": ("decode", *WORKER_FLAGS),
         "decode-b": ("decode", *WORKER_FLAGS),
     }
-    c = Cluster(checkpoints(arch="llama"), tmp_path_factory.mktemp("failure-logs"), workers)
+    logs = tmp_path_factory.mktemp("failure-logs")
+    # Every prompt takes the disaggregated path (prefill worker, KV transfer) under test here.
+    no_local = ("--local-prefill-threshold", "0")
+    c = Cluster(checkpoints(arch="llama"), logs, workers, scheduler_flags=no_local)
     yield c
     c.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -34,8 +35,10 @@ class Up:
         argv += ["--nats-port", str(self.nats_port), "--kv-memory-gb", "0.05", "--block-size", "4"]
         if log_dir is not None:
             argv += ["--log-dir", str(log_dir)]
+        # These tests check the disaggregated path itself: no prompt is prefilled on decode.
+        env = os.environ | {"DISAGG_LOCAL_PREFILL_THRESHOLD": "0"}
         self.proc = subprocess.Popen(
-            [*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [*argv, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -275,7 +278,10 @@ def test_no_worker_of_a_role_is_503(model, tmp_path):
     port = free_port()
     common = ["--nats", server.url]
     children = [
-        Child("scheduler", [*disagg_command(), "scheduler", *common]),
+        # Threshold 0: no conditional disaggregation, which would prefill "hi" on decode.
+        Child(
+            "scheduler", [*disagg_command(), "scheduler", *common, "--local-prefill-threshold", "0"]
+        ),
         Child(
             "decode",
             [*disagg_command(), "decode", *common, "--model", str(model), "--kv-memory-gb", "0.05"],
