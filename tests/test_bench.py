@@ -4,8 +4,10 @@ keys, and a short run against a live tiny stack."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -13,10 +15,16 @@ import pytest
 
 from disagg.services.bench import client as bench_client
 from disagg.services.bench import compare, metrics, report
-from disagg.services.bench.cli import main_run
+from disagg.services.bench.cli import main_run, with_compare_defaults, workload_spec
 from disagg.services.bench.metrics import RequestRecord
 from disagg.services.bench.stack import UpProcess
-from disagg.services.bench.workload import WorkloadSpec, make_trace, warmup_trace
+from disagg.services.bench.workload import (
+    WorkloadSpec,
+    make_trace,
+    prefix_groups,
+    shared_prefixes,
+    warmup_trace,
+)
 from disagg.services.cli import build_parser
 
 
@@ -137,6 +145,41 @@ def test_mixed_has_short_and_long_and_duration_cuts_the_trace():
     assert len(warm) == 2 and all(r.kind == "warmup" and r.prompt_len == 8 for r in warm)
 
 
+def test_shared_prefix_requests_share_their_groups_prefix_and_nothing_else():
+    spec = WorkloadSpec(
+        workload="shared-prefix", num_prefixes=3, prefix_len=40, input_len=8, output_len=5,
+        num_prompts=12,
+    )  # fmt: skip
+    trace, prefixes = make_trace(spec), shared_prefixes(spec)
+    assert {(r.prompt_len, len(r.prompt_ids), r.output_len) for r in trace} == {(48, 48, 5)}
+    for r in trace:
+        group = int(r.kind.removeprefix("prefix-"))
+        assert r.prompt_ids[:40] == prefixes[group]
+    assert len({p[:16] for p in prefixes}) == 3  # distinct from the first KV block on
+    assert len({r.prompt_ids[40:] for r in trace}) == 12  # every suffix is the request's own
+    assert all(0 <= t < spec.vocab_size for r in trace for t in r.prompt_ids)
+
+
+def test_shared_prefix_groups_interleave_and_are_fixed_by_the_seed():
+    groups = prefix_groups(10, 4, seed=0)
+    assert sorted(groups[0:4]) == sorted(groups[4:8]) == [0, 1, 2, 3]
+    assert len(set(groups[8:])) == 2
+    assert prefix_groups(10, 4, seed=0) == groups and prefix_groups(6, 4, seed=0) == groups[:6]
+    assert len({tuple(prefix_groups(8, 4, seed)) for seed in range(5)}) > 1  # order is seeded
+    spec = WorkloadSpec(workload="shared-prefix", num_prompts=16, request_rate=4.0, seed=7)
+    trace = make_trace(spec)
+    assert trace == make_trace(spec)
+    assert [r.kind for r in trace] == [f"prefix-{g}" for g in prefix_groups(16, 4, seed=7)]
+    burst = make_trace(WorkloadSpec(workload="shared-prefix", num_prompts=16, seed=7))
+    assert [r.prompt_ids for r in burst] == [r.prompt_ids for r in trace]
+    other = make_trace(WorkloadSpec(workload="shared-prefix", num_prompts=16, seed=8))
+    assert {r.prompt_ids[:384] for r in other}.isdisjoint({r.prompt_ids[:384] for r in trace})
+    with pytest.raises(ValueError, match="prefix_len"):
+        WorkloadSpec(workload="shared-prefix", prefix_len=0)
+    with pytest.raises(ValueError, match="num_prefixes"):
+        WorkloadSpec(workload="shared-prefix", num_prefixes=0)
+
+
 class WordTokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return [len(w) for w in text.split()]
@@ -255,6 +298,93 @@ def test_compare_gives_both_modes_the_same_workers():
     assert agg[agg.index("--cpus") + 1] == dis[dis.index("--cpus") + 1] == "0,1"
     with pytest.raises(ValueError):
         compare.parse_modes("agg,fast")
+
+
+def test_compare_defaults_depend_on_what_is_compared():
+    def parse(*flags):
+        return with_compare_defaults(build_parser().parse_args(["bench", "compare", *flags]))
+
+    modes = parse()
+    assert (modes.compare, modes.workload, modes.modes, modes.decode) == (
+        "modes", "mixed", "agg,disagg", 1,
+    )  # fmt: skip
+    assert (modes.input_len, modes.output_len) == (32, 64)
+    routing = parse("--compare", "routing")
+    assert (routing.workload, routing.modes, routing.decode, routing.output_len) == (
+        "shared-prefix", "disagg", 2, 16,
+    )  # fmt: skip
+    spec = workload_spec(routing)
+    assert (spec.num_prefixes, spec.prefix_len, spec.input_len, spec.output_len) == (4, 384, 32, 16)
+    assert (spec.request_rate, spec.duration_s, spec.num_prompts) == (1.0, 60.0, None)
+    given = parse("--compare", "routing", "--modes", "agg", "--decode", "3", "--output-len", "4")
+    assert (given.modes, given.decode, given.output_len) == ("agg", 3, 4)
+    flags = ["--workload", "shared-prefix", "--num-prefixes", "2", "--prefix-len", "64"]
+    run = build_parser().parse_args(["bench", "run", "--url", "http://x", *flags])
+    assert (workload_spec(run).num_prefixes, workload_spec(run).prefix_len) == (2, 64)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "compare", "--compare", "speed"])
+
+
+def test_routing_compare_runs_one_mode_with_routing_off_then_on():
+    off, on = compare.plan_runs("routing", ["disagg"], prefill=1, decode=2)
+    assert [(r.label, r.mode) for r in (off, on)] == [
+        ("routing-off", "disagg"),
+        ("routing-on", "disagg"),
+    ]
+    base = {"PATH": "/bin", compare.NO_PREFIX_ROUTING_ENV: "1"}
+    assert off.env({"PATH": "/bin"}) == base
+    assert on.env(base) == {"PATH": "/bin"}  # on even if this shell turned it off
+    modes = compare.plan_runs("modes", ["agg", "disagg"], 1, 1)
+    assert [(r.label, r.mode) for r in modes] == [("agg", "agg"), ("disagg", "disagg")]
+    assert compare.plan_runs("modes", ["agg"], 1, 1)[0].env(base) == base
+    assert len(compare.plan_runs("routing", ["agg"], prefill=1, decode=1)) == 2  # 2 agg workers
+    with pytest.raises(ValueError, match="choice"):
+        compare.plan_runs("routing", ["disagg"], prefill=1, decode=1)
+    with pytest.raises(ValueError, match="one mode"):
+        compare.plan_runs("routing", ["agg", "disagg"], prefill=1, decode=2)
+    cfg = compare.StackConfig(model="/m", prefill=1, decode=2, log_dir=Path("/logs"))
+    argv = compare.up_args(off.mode, cfg, off.label)
+    assert argv[argv.index("--log-dir") + 1] == "/logs/routing-off"
+    assert argv[argv.index("--decode") + 1] == "2"
+
+
+def test_prefix_cache_hit_rate_from_two_metrics_reads():
+    def exposition(queries, hits):
+        return (
+            "# TYPE disagg:prefix_cache_queries_total counter\n"
+            f"disagg:prefix_cache_queries_total {queries}\n"
+            "# TYPE disagg:prefix_cache_hits_total counter\n"
+            f"disagg:prefix_cache_hits_total {hits}\n"
+            'disagg:requests_rejected_total{reason="queue full"} 2.0\n'
+        )
+
+    stats = metrics.prefix_cache_stats(exposition(100.0, 10.0), exposition(500.0, 310.0))
+    assert stats == {
+        "prefix_cache_queried_tokens": 400.0,
+        "prefix_cache_hit_tokens": 300.0,
+        "prefix_cache_hit_rate": 0.75,
+    }
+    assert metrics.prometheus_sum(exposition(1, 2), "disagg:requests_rejected_total") == 2.0
+    without = "disagg:prompt_tokens_total 5.0\n"
+    assert metrics.prefix_cache_stats(without, without) == {}  # not exported: skipped
+    assert metrics.prefix_cache_stats(exposition(5, 0), exposition(5, 0)) == {}  # no lookups
+    assert metrics.prefix_cache_stats(None, exposition(5, 0)) == {}  # no /metrics
+
+
+def test_table_shows_the_hit_rate_row_only_when_measured():
+    from rich.console import Console
+
+    doc = report.result_document([record(0.0, [(0.1, 1)], 0.1)], {}, {})
+
+    def text(*docs):
+        table = report.render_table(dict(zip(("off", "on"), docs)), {}, title="t")
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(table)
+        return console.export_text()
+
+    assert "prefix cache hit %" not in text(doc, doc)
+    shown = text(doc | {"prefix_cache_hit_rate": 0.25}, doc | {"prefix_cache_hit_rate": 0.5})
+    assert "25.0" in shown and "50.0" in shown
 
 
 # -- live -------------------------------------------------------------------------------------

@@ -18,9 +18,15 @@ from typing import Any
 from disagg.services.bench.workload import WORKLOADS, WorkloadSpec
 
 COMPARE_DEFAULTS = dict(
-    workload="mixed", input_len=32, output_len=64, long_input_len=512, long_output_len=8,
-    long_every=4, request_rate=1.0, duration_s=60.0, warmup=2, slo="ttft:3000,tpot:250",
+    input_len=32, long_input_len=512, long_output_len=8, long_every=4, request_rate=1.0,
+    duration_s=60.0, warmup=2, slo="ttft:3000,tpot:250",
 )  # fmt: skip
+# Defaults that depend on what `compare` compares; None in the parser, filled in by
+# `with_compare_defaults`. routing: one shared-prefix trace, a choice of two decode workers.
+COMPARISON_DEFAULTS = {
+    "modes": dict(workload="mixed", output_len=64, modes="agg,disagg", decode=1),
+    "routing": dict(workload="shared-prefix", output_len=16, modes="disagg", decode=2),
+}
 
 
 CONTENDED_SHARE = 0.05  # of all cores: above this, other work visibly slowed the run
@@ -37,9 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--api-key", default=None)
     _add_trace_args(run, {})
     run.set_defaults(run=main_run)
-    cmp = bench.add_parser("compare", help="start agg and disagg stacks, same trace, ratios")
+    cmp = bench.add_parser(
+        "compare",
+        help="start agg and disagg stacks (or prefix routing off and on), same trace, ratios",
+        epilog=_comparison_defaults_text(),
+    )
     _add_compare_args(cmp)
-    _add_trace_args(cmp, COMPARE_DEFAULTS)
+    _add_trace_args(cmp, COMPARE_DEFAULTS | dict.fromkeys(("workload", "output_len")))
     cmp.set_defaults(run=main_compare)
 
 
@@ -49,8 +59,11 @@ def _add_trace_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     d["duration_s"] = defaults.get("duration_s")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument("--workload", choices=WORKLOADS, default=d["workload"])
-    for name in ("input_len", "output_len", "long_input_len", "long_output_len", "long_every"):
+    p.add_argument("--input-len", type=int, default=d["input_len"], help="shared-prefix: suffix")
+    for name in ("output_len", "long_input_len", "long_output_len", "long_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name])
+    p.add_argument("--prefix-len", type=int, default=d["prefix_len"], help="shared ids/group")
+    p.add_argument("--num-prefixes", type=int, default=d["num_prefixes"], help="groups")
     p.add_argument("--range-ratio", type=float, default=d["range_ratio"], help="random workload")
     p.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="prompt ids < this")
     p.add_argument("--dataset", type=Path, default=None, help="ShareGPT JSON (sharegpt workload)")
@@ -70,15 +83,33 @@ def _add_trace_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="HF folder (default: ~100M Llama)")
-    p.add_argument("--modes", default="agg,disagg", help="comma list of agg, disagg")
+    p.add_argument(
+        "--compare", choices=tuple(COMPARISON_DEFAULTS), default="modes",
+        help="modes: one stack per --modes; routing: one --modes stack with the scheduler's "
+        "prefix routing off, then on",
+    )  # fmt: skip
+    p.add_argument("--modes", default=None, help="comma list of agg, disagg")
     p.add_argument("--prefill", type=int, default=1, help="disagg prefill workers")
-    p.add_argument("--decode", type=int, default=1, help="disagg decode workers (agg: P + D)")
-    p.add_argument("--cpus", default=None, help="worker i gets core i (default: first P + D)")
+    p.add_argument("--decode", type=int, default=None, help="disagg decode workers (agg: P + D)")
+    p.add_argument("--cpus", default=None, help="worker i gets core i mod n (default: first P + D)")
     p.add_argument("--kv-memory-gb", type=float, default=0.5)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ready-timeout-s", type=float, default=300.0)
     p.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="plots and logs")
+
+
+def _comparison_defaults_text() -> str:
+    return "defaults that depend on --compare: " + "; ".join(
+        f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
+        for name, d in COMPARISON_DEFAULTS.items()
+    )
+
+
+def with_compare_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the defaults of its --compare filled in where no flag was given."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return argparse.Namespace(**(vars(args) | COMPARISON_DEFAULTS[args.compare] | given))
 
 
 # -- shared -----------------------------------------------------------------------------------
@@ -92,7 +123,8 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
         workload=args.workload, input_len=args.input_len, output_len=args.output_len,
         range_ratio=args.range_ratio, long_input_len=args.long_input_len,
         long_output_len=args.long_output_len, long_every=args.long_every,
-        vocab_size=args.vocab_size, request_rate=args.request_rate, num_prompts=num_prompts,
+        prefix_len=args.prefix_len, num_prefixes=args.num_prefixes, vocab_size=args.vocab_size,
+        request_rate=args.request_rate, num_prompts=num_prompts,
         duration_s=args.duration_s, seed=args.seed, dataset_path=args.dataset,
     )  # fmt: skip
 
@@ -199,60 +231,75 @@ def _write_outputs(args: argparse.Namespace, doc: dict, runs: dict) -> None:
 
 
 def main_compare(args: argparse.Namespace) -> int:
-    """`disagg bench compare`: one stack per mode, the same trace, ratios disagg / agg."""
+    """`disagg bench compare`: one stack per run (each mode, or prefix routing off and on), the
+    same trace through each, ratios last run / first."""
     from disagg.services.bench import compare, report
     from disagg.services.bench.checkpoint import bench_checkpoint
     from disagg.services.bench.metrics import parse_slos
     from disagg.services.bench.workload import make_trace, warmup_trace
 
     _stop_on_sigterm()
-    modes, slos, spec = compare.parse_modes(args.modes), parse_slos(args.slo), workload_spec(args)
+    args = with_compare_defaults(args)
+    runs = compare.plan_runs(
+        args.compare, compare.parse_modes(args.modes), args.prefill, args.decode
+    )
+    slos, spec = parse_slos(args.slo), workload_spec(args)
     model = args.model or bench_checkpoint()
     tokenizer = load_tokenizer(args.tokenizer or model)
     trace, warmup = make_trace(spec, tokenizer), warmup_trace(spec, args.warmup)
     stack = compare.stack_config(args, model)
-    print(_describe(args, stack, trace), flush=True)
-    results = _run_modes(args, modes, stack, trace, warmup)
+    print(_describe(stack, trace), flush=True)
+    results = _run_stacks(args, runs, stack, trace, warmup)
     config = config_of(args) | {"model": str(model), "cpus": stack.cpus}
-    docs = {m: report.result_document(r.records, slos, config) for m, r in results.items()}
-    for mode, r in results.items():
-        docs[mode]["other_cpu_share"] = r.other_cpu_share
+    docs = {label: _run_document(r, slos, config) for label, r in results.items()}
     out = compare.compare_document(docs)
-    table = report.render_table(docs, out.get("ratios"), title="disagg bench compare")
-    report.print_table(table)
+    report.print_table(report.render_table(docs, out.get("ratios"), title=_title(args, runs)))
     report.print_failures(docs)
     _warn_contention(docs)
     _write_compare_outputs(args, out, compare.records_of(results))
     return 0 if all(d["completed"] for d in docs.values()) else 1
 
 
-def _describe(args: argparse.Namespace, stack, trace) -> str:
+def _run_document(result, slos: dict, config: dict) -> dict:
+    from disagg.services.bench import report
+
+    doc = report.result_document(result.records, slos, config)
+    return doc | {"other_cpu_share": result.other_cpu_share} | result.server_stats
+
+
+def _title(args: argparse.Namespace, runs) -> str:
+    if args.compare == "routing":
+        return f"disagg bench compare: prefix routing ({runs[0].mode})"
+    return "disagg bench compare"
+
+
+def _describe(stack, trace) -> str:
     kinds = {k: sum(r.kind == k for r in trace) for k in sorted({r.kind for r in trace})}
     return (
-        f"model {stack.model}; {len(trace)} requests {kinds}; workers pinned to cores "
-        f"{stack.cpus or 'none (fewer cores than workers)'}; gateway, scheduler, NATS and this "
-        f"load generator are not pinned; logs in {stack.log_dir}"
+        f"model {stack.model}; {len(trace)} requests {kinds}; worker i pinned to core i mod n of "
+        f"{stack.cpus}; gateway, scheduler, NATS and this load generator are not pinned; "
+        f"logs in {stack.log_dir}"
     )
 
 
 def _warn_contention(docs: dict) -> None:
-    for mode, doc in docs.items():
+    for label, doc in docs.items():
         share = doc.get("other_cpu_share")
         if share is not None:
             note = "; its latencies are inflated" if share > CONTENDED_SHARE else ""
-            print(f"{mode}: other processes used {share:.0%} of this machine's CPU{note}")
+            print(f"{label}: other processes used {share:.0%} of this machine's CPU{note}")
 
 
-def _run_modes(args, modes, stack, trace, warmup) -> dict:
+def _run_stacks(args, runs, stack, trace, warmup) -> dict:
     from disagg.services.bench import compare
 
     results = {}
     with Progress(not args.no_progress) as progress:
-        for mode in modes:
-            print(f"{mode}: starting disagg up ...", file=sys.stderr, flush=True)
-            on_done = progress.task(mode, len(trace))
-            run = run_config(args, "http://unset", None)
-            results[mode] = compare.run_mode(mode, stack, run, trace, warmup, on_done)
+        for run in runs:
+            print(f"{run.label}: starting disagg up ...", file=sys.stderr, flush=True)
+            on_done = progress.task(run.label, len(trace))
+            cfg = run_config(args, "http://unset", None)
+            results[run.label] = compare.run_stack(run, stack, cfg, trace, warmup, on_done)
     return results
 
 

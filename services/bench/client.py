@@ -133,6 +133,19 @@ async def _read_stream(resp: httpx.Response, rec: RequestRecord) -> None:
     rec.error = "the stream ended without data: [DONE]"
 
 
+async def fetch_metrics(
+    base_url: str, api_key: str | None = None, timeout_s: float = 10.0
+) -> str | None:
+    """The server's Prometheus text from /metrics; None when it has none or does not answer."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(headers=headers, timeout=timeout_s) as client:
+            resp = await client.get(base_url.rstrip("/") + "/metrics")
+    except httpx.HTTPError:
+        return None
+    return resp.text if resp.status_code == 200 else None
+
+
 async def first_model(client: httpx.AsyncClient, base_url: str) -> str:
     """The first model the server lists on /v1/models."""
     resp = await client.get(base_url.rstrip("/") + "/v1/models", timeout=30)

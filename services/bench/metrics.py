@@ -28,6 +28,8 @@ import numpy as np
 PERCENTILES = (90.0, 99.0)
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
 SLO_NAMES = ("ttft", "tpot", "e2el")
+PREFIX_CACHE_QUERIES = "disagg:prefix_cache_queries_total"  # prompt tokens looked up
+PREFIX_CACHE_HITS = "disagg:prefix_cache_hits_total"  # prompt tokens found
 
 
 @dataclass
@@ -209,6 +211,37 @@ def per_request(records: Sequence[RequestRecord]) -> dict[str, list]:
         "latencies": [e2el_s(r) if s else 0.0 for r, s in zip(records, ok)],
         "start_times": [r.sent_at - origin for r in records],
         "errors": [r.error or "" for r in records],
+    }
+
+
+def prometheus_sum(text: str, name: str) -> float | None:
+    """The sum of every sample called `name` (any labels) in a Prometheus text exposition;
+    None when it has none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [
+        s.value for family in text_string_to_metric_families(text)
+        for s in family.samples if s.name == name
+    ]  # fmt: skip
+    return sum(values) if values else None
+
+
+def prefix_cache_stats(before: str | None, after: str | None) -> dict[str, float]:
+    """Prompt tokens the server looked up in, and found in, its prefix caches between two
+    /metrics reads, and the hit rate; empty when it does not export both counters or looked
+    nothing up."""
+    counts = [
+        prometheus_sum(text, name)
+        for text in (before, after) if text is not None
+        for name in (PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS)
+    ]  # fmt: skip
+    if len(counts) != 4 or None in counts or not counts[2] > counts[0]:
+        return {}
+    queried, hit = counts[2] - counts[0], counts[3] - counts[1]
+    return {
+        "prefix_cache_queried_tokens": queried,
+        "prefix_cache_hit_tokens": hit,
+        "prefix_cache_hit_rate": hit / queried,
     }
 
 

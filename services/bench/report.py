@@ -34,7 +34,9 @@ ROWS: tuple[tuple[str, str, float, str], ...] = (
         for name in ("ttft", "tpot", "itl", "e2el")
         for stat, key in (("mean", "mean"), ("p50", "median"), ("p90", "p90"), ("p99", "p99"))
     ),
+    ("prefix cache hit %", "prefix_cache_hit_rate", 100, "{:.1f}"),
 )
+OPTIONAL_ROWS = frozenset({"prefix_cache_hit_rate"})  # shown only when some run has a value
 
 
 def result_document(
@@ -99,6 +101,8 @@ def render_table(
         labels = list(summaries)
         table.add_column(f"{labels[-1]}/{labels[0]}", justify="right")
     for label, key, scale, fmt in ROWS:
+        if key in OPTIONAL_ROWS and all(s.get(key) is None for s in summaries.values()):
+            continue
         cells = [_cell(s.get(key), fmt, scale) for s in summaries.values()]
         if ratios is not None:
             cells.append(_cell(ratios.get(key), "{:.3f}", 1))

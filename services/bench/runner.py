@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -58,6 +58,7 @@ class RunResult:
     model: str
     started_at: float
     other_cpu_share: float | None = None  # set by callers that know which processes are theirs
+    server_stats: dict[str, float] = field(default_factory=dict)  # from the server's /metrics
 
 
 async def run_trace(

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from disagg.services.procs import disagg_command, free_port
@@ -27,11 +27,18 @@ class UpProcess:
     """One `disagg up`; use as a context manager (stopped on every exit path)."""
 
     def __init__(
-        self, up_args: Sequence[str], *, ready_timeout_s: float = 300.0, log: Path | None = None
+        self,
+        up_args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        ready_timeout_s: float = 300.0,
+        log: Path | None = None,
     ) -> None:
+        """`env`: the environment of `disagg up` and so of its children (default: this one's)."""
         self.port, self.nats_port = free_port(), free_port()
         self.argv = [*disagg_command(), "up", "--port", str(self.port)]
         self.argv += ["--nats-port", str(self.nats_port), *up_args]
+        self.env = dict(env) if env is not None else None
         self.ready_timeout_s = ready_timeout_s
         self.log = log  # also copy its output here
         self.lines: collections.deque[str] = collections.deque(maxlen=200)
@@ -56,7 +63,7 @@ class UpProcess:
     def start(self) -> None:
         """Spawn and wait (bounded) for the ready line; raises with the output if it fails."""
         self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
         )
         threading.Thread(target=self._drain, name="up-output", daemon=True).start()
         deadline = time.monotonic() + self.ready_timeout_s

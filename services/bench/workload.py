@@ -11,25 +11,32 @@ Workloads:
 - `mixed`: the interference case. Short decode-heavy requests (`input_len` in, `output_len` out)
   with every `long_every`-th request a long prompt (`long_input_len` in, `long_output_len` out)
   arriving into them.
+- `shared-prefix`: the prefix-cache case, as a system prompt or few-shot examples shared by many
+  requests. `num_prefixes` groups, each with its own prefix of `prefix_len` ids; a request is its
+  group's prefix followed by `input_len` ids of its own (vLLM's random `--random-prefix-len`,
+  one prefix per group), `output_len` out. Groups interleave in arrival order: each run of
+  `num_prefixes` requests (0.., then `num_prefixes`.., ...) has every group once, in a seeded
+  order. The kind of a request is `prefix-<group>`.
 
 Prompts are lists of token ids drawn from [0, `vocab_size`), so their length is exact (the
 gateway takes a list of ids as `prompt`); the default 256 is valid for every tokenizer disagg
 loads. Arrivals are a Poisson process of `request_rate` per second (all at 0 when infinite);
-lengths and arrivals come from separate streams of the seed, so changing the rate does not change
-the prompts.
+lengths and arrivals come from separate streams of the seed (as do the shared prefixes and the
+group order), so changing the rate does not change the prompts.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-WORKLOADS = ("fixed", "random", "sharegpt", "mixed")
+WORKLOADS = ("fixed", "random", "sharegpt", "mixed", "shared-prefix")
+LENGTHS = ("input_len", "output_len", "long_input_len", "long_output_len", "prefix_len")
 SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
 
 
@@ -61,6 +68,8 @@ class WorkloadSpec:
     long_input_len: int = 512
     long_output_len: int = 8
     long_every: int = 8
+    prefix_len: int = 384
+    num_prefixes: int = 4
     vocab_size: int = 256
     request_rate: float = math.inf
     num_prompts: int | None = 32
@@ -71,11 +80,11 @@ class WorkloadSpec:
     def __post_init__(self) -> None:
         if self.workload not in WORKLOADS:
             raise ValueError(f"workload must be one of {WORKLOADS}, got {self.workload!r}")
-        for name in ("input_len", "output_len", "long_input_len", "long_output_len"):
+        for name in LENGTHS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.long_every < 1 or self.vocab_size < 1:
-            raise ValueError("long_every and vocab_size must be >= 1")
+        if min(self.long_every, self.num_prefixes, self.vocab_size) < 1:
+            raise ValueError("long_every, num_prefixes and vocab_size must be >= 1")
         if not 0 <= self.range_ratio < 1:
             raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
         if not self.request_rate > 0:
@@ -112,7 +121,8 @@ def make_trace(spec: WorkloadSpec, tokenizer: TextTokenizer | None = None) -> li
         if tokenizer is None:
             raise ValueError("the sharegpt workload needs the model's tokenizer (--tokenizer)")
         return _sharegpt_trace(spec, arrivals, tokenizer, rng)
-    return [_synthetic(spec, i, t, rng) for i, t in enumerate(arrivals)]
+    trace = [_synthetic(spec, i, t, rng) for i, t in enumerate(arrivals)]
+    return _add_shared_prefixes(spec, trace) if spec.workload == "shared-prefix" else trace
 
 
 def warmup_trace(spec: WorkloadSpec, n: int, output_len: int = 4) -> list[TraceRequest]:
@@ -145,6 +155,35 @@ def _synthetic(spec: WorkloadSpec, index: int, arrival: float, rng) -> TraceRequ
             n_in, n_out = spec.long_input_len, spec.long_output_len
     ids = tuple(rng.integers(0, spec.vocab_size, n_in).tolist())
     return TraceRequest(index, kind, arrival, n_in, n_out, prompt_ids=ids)
+
+
+def shared_prefixes(spec: WorkloadSpec) -> list[tuple[int, ...]]:
+    """The `num_prefixes` prefixes of `prefix_len` ids, from their own stream of the seed."""
+    rng = np.random.default_rng([spec.seed, 3])
+    return [
+        tuple(rng.integers(0, spec.vocab_size, spec.prefix_len).tolist())
+        for _ in range(spec.num_prefixes)
+    ]
+
+
+def prefix_groups(n: int, num_prefixes: int, seed: int) -> list[int]:
+    """The group of each of `n` requests: every aligned run of `num_prefixes` requests holds
+    each group once, in an order drawn from its own stream of the seed (the first groups do not
+    depend on `n`)."""
+    rng = np.random.default_rng([seed, 4])
+    runs = [rng.permutation(num_prefixes) for _ in range(-(-n // num_prefixes))]
+    return [int(g) for run in runs for g in run][:n]
+
+
+def _add_shared_prefixes(spec: WorkloadSpec, trace: list[TraceRequest]) -> list[TraceRequest]:
+    """Put its group's prefix in front of each request's own ids."""
+    prefixes = shared_prefixes(spec)
+    groups = prefix_groups(len(trace), spec.num_prefixes, spec.seed)
+    return [
+        replace(r, kind=f"prefix-{g}", prompt_len=spec.prefix_len + r.prompt_len,
+                prompt_ids=prefixes[g] + r.prompt_ids)
+        for r, g in zip(trace, groups)
+    ]  # fmt: skip
 
 
 def _spread(center: int, ratio: float, rng) -> int:
