@@ -265,6 +265,31 @@ class TransferReport(Message):
 
 
 @dataclass(frozen=True)
+class SchedulerStats(Message):
+    """A scheduler's rate matching, published every second on ``Subjects.scheduler_stats``.
+
+    ``held`` placements wait for decode KV room now. ``holds`` (placements ever held),
+    ``hold_timeouts`` (refused after ``max_hold_s``), ``hold_overflows`` (refused with the hold
+    queue full) and ``hold_seconds`` (time spent held, summed) are cumulative since this
+    scheduler started: several run in the queue group, so readers keep them per
+    ``scheduler_id``. ``decode_kv_usage`` counts placements not yet in the heartbeats (1.0 with
+    no decode worker). ``prefill_decode_ratio`` is the recommended number of prefill workers
+    per decode worker, None until both phases were measured.
+    """
+
+    scheduler_id: Id
+    held: Count
+    holds: Count
+    hold_timeouts: Count
+    hold_overflows: Count
+    hold_seconds: Annotated[float, Range(0.0, math.inf)]
+    max_hold_s: Annotated[float, Range(0.0, math.inf)]
+    decode_kv_usage: Annotated[float, Range(0.0, 1.0)]
+    prefill_bound: bool
+    prefill_decode_ratio: Annotated[float, Range(0.0, math.inf)] | None = None
+
+
+@dataclass(frozen=True)
 class PlaceRequest(Message):
     """Gateway -> scheduler: where should this request run? ``exclude``: workers to avoid.
     ``prefix_hashes`` are the prompt's chained block hashes at ``hash_block_size`` tokens per
@@ -548,6 +573,11 @@ class Subjects:
     def scheduler_queue(self) -> str:
         """Queue group the schedulers share, so each placement is answered once."""
         return f"{self.prefix}.sched"
+
+    @property
+    def scheduler_stats(self) -> str:
+        """SchedulerStats from every scheduler (publish), for the gateways' metrics."""
+        return f"{self.prefix}.sched.stats"
 
     @property
     def heartbeat(self) -> str:

@@ -71,7 +71,9 @@ STREAM_QUEUE = 4096  # chunks buffered per request; beyond, the client is too sl
 class Timeouts:
     """Every bounded wait of a request, in seconds."""
 
-    place_s: float = 5.0
+    # Above the scheduler's --max-hold-s (20 s): a placement held for decode room gets the
+    # scheduler's answer (placed, or 429 after the hold), not a 504 from giving up first.
+    place_s: float = 30.0
     admit_s: float = 10.0
     job_s: float = 10.0  # the prefill worker accepting the job ("prefill start")
     first_token_s: float = 120.0

@@ -7,6 +7,8 @@ a disaggregated system has.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -15,6 +17,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from disagg.shared.messages import SchedulerStats
 
 # Seconds; CPU serving spans milliseconds (a decode step) to tens of seconds (a long prefill).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
@@ -26,6 +30,18 @@ TRANSFER_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 TRANSFER_SECONDS_BUCKETS += (1.0, 2.5, 5.0, 10.0)
 # 4 KiB .. 4 GiB in powers of 4.
 TRANSFER_BYTES_BUCKETS = tuple(float(4096 * 4**k) for k in range(11))
+HOLD_REFUSALS = ("timeout", "full")
+
+
+@dataclass(frozen=True)
+class _SchedulerSeen:
+    """One scheduler's last stats: when they came, and its cumulative counts then."""
+
+    at: float
+    holds: int
+    hold_timeouts: int
+    hold_overflows: int
+    hold_seconds: float
 
 
 class GatewayMetrics:
@@ -34,10 +50,12 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._worker_roles: dict[str, set[str]] = {}
+        self._schedulers: dict[str, _SchedulerSeen] = {}
         self._latency_histograms()
         self._transfer_histograms()
         self._gauges()
         self._counters()
+        self._scheduler_metrics()
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(name, doc, buckets=buckets, registry=self.registry)
@@ -106,6 +124,46 @@ class GatewayMetrics:
             "disagg:requests_rejected", "Requests refused at admission.", ("reason",), registry=reg
         )
 
+    def _scheduler_metrics(self) -> None:
+        """Rate matching, per scheduler (several may run): sum over `scheduler` for totals."""
+        reg, by = self.registry, ("scheduler",)
+        self.sched_held = Gauge(
+            "disagg:scheduler_held_requests",
+            "Placements waiting for decode KV room.",
+            by,
+            registry=reg,
+        )
+        self.sched_holds = Counter(
+            "disagg:scheduler_holds", "Placements held for decode KV room.", by, registry=reg
+        )
+        self.sched_hold_refusals = Counter(
+            "disagg:scheduler_hold_refusals",
+            "Placements refused (429) after waiting --max-hold-s, or with the hold queue full.",
+            ("scheduler", "reason"),
+            registry=reg,
+        )
+        self.sched_hold_seconds = Counter(
+            "disagg:scheduler_hold_seconds", "Seconds placements spent held.", by, registry=reg
+        )
+        self.decode_kv_usage = Gauge(
+            "disagg:decode_kv_usage",
+            "Decode KV usage (0-1) a scheduler sees, its placements in flight included.",
+            by,
+            registry=reg,
+        )
+        self.prefill_bound = Gauge(
+            "disagg:prefill_bound",
+            "1 while prefill queues grow and decode has room.",
+            by,
+            registry=reg,
+        )
+        self.prefill_decode_ratio = Gauge(
+            "disagg:recommended_prefill_decode_ratio",
+            "Prefill workers per decode worker the measured per-phase rates call for.",
+            by,
+            registry=reg,
+        )
+
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its HTTP content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -161,3 +219,50 @@ class GatewayMetrics:
         for role in self._worker_roles.pop(worker, set()):
             self.blocks_free.remove(worker, role)
             self.blocks_total.remove(worker, role)
+
+    def observe_scheduler_stats(self, stats: SchedulerStats, now: float) -> None:
+        """A scheduler's stats (every second): gauges take its values; its cumulative counts
+        are added as increments since its previous stats, so lost messages lose nothing and
+        schedulers add up. A count that went back means it restarted: all of it is new."""
+        sid = stats.scheduler_id
+        seen = _SchedulerSeen(
+            now, stats.holds, stats.hold_timeouts, stats.hold_overflows, stats.hold_seconds
+        )
+        before = self._schedulers.get(sid, _SchedulerSeen(now, 0, 0, 0, 0.0))
+        self._schedulers[sid] = seen
+        self.sched_holds.labels(scheduler=sid).inc(_increment(before.holds, seen.holds))
+        timeouts = _increment(before.hold_timeouts, seen.hold_timeouts)
+        overflows = _increment(before.hold_overflows, seen.hold_overflows)
+        self.sched_hold_refusals.labels(scheduler=sid, reason="timeout").inc(timeouts)
+        self.sched_hold_refusals.labels(scheduler=sid, reason="full").inc(overflows)
+        held_s = _increment(before.hold_seconds, seen.hold_seconds)
+        self.sched_hold_seconds.labels(scheduler=sid).inc(held_s)
+        self.sched_held.labels(scheduler=sid).set(stats.held)
+        self.decode_kv_usage.labels(scheduler=sid).set(stats.decode_kv_usage)
+        self.prefill_bound.labels(scheduler=sid).set(int(stats.prefill_bound))
+        if stats.prefill_decode_ratio is None:
+            self.prefill_decode_ratio.remove(sid)  # no data: absent, not a made-up number
+        else:
+            self.prefill_decode_ratio.labels(scheduler=sid).set(stats.prefill_decode_ratio)
+
+    def forget_silent_schedulers(self, now: float, silent_s: float) -> list[str]:
+        """Drop the series of schedulers with no stats for `silent_s` (stopped or dead)."""
+        gone = sorted(s for s, seen in self._schedulers.items() if now - seen.at > silent_s)
+        for sid in gone:
+            del self._schedulers[sid]
+            for metric in (
+                self.sched_held,
+                self.sched_holds,
+                self.sched_hold_seconds,
+                self.decode_kv_usage,
+                self.prefill_bound,
+                self.prefill_decode_ratio,
+            ):
+                metric.remove(sid)
+            for reason in HOLD_REFUSALS:
+                self.sched_hold_refusals.remove(sid, reason)
+        return gone
+
+
+def _increment(before: float, now: float) -> float:
+    return now - before if now >= before else now

@@ -29,7 +29,14 @@ from disagg.services.gateway.detok import StreamDetokenizer
 from disagg.services.gateway.metrics import GatewayMetrics
 from disagg.services.gateway.nats_api import NatsApi
 from disagg.shared.log import get_logger
-from disagg.shared.messages import check_id, new_request_id
+from disagg.shared.messages import (
+    MessageError,
+    SchedulerStats,
+    Subjects,
+    check_id,
+    decode,
+    new_request_id,
+)
 from disagg.shared.model.args import ModelArgs
 from disagg.shared.tokenizer import Tokenizer
 
@@ -46,7 +53,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-model-len", type=int, default=None)
     flag(p, "--max-concurrent-requests", type=int, default=256, help="beyond: 429")
     flag(p, "--max-body-bytes", type=int, default=4 << 20)
-    flag(p, "--place-timeout-s", type=float, default=5.0)
+    flag(p, "--place-timeout-s", type=float, default=Timeouts.place_s,
+         help="keep it above the schedulers' --max-hold-s")  # fmt: skip
     flag(p, "--admit-timeout-s", type=float, default=10.0)
     flag(p, "--job-timeout-s", type=float, default=10.0, help="prefill worker accepting a job")
     flag(p, "--first-token-timeout-s", type=float, default=120.0)
@@ -282,6 +290,7 @@ async def run_gateway(args: argparse.Namespace, stop: asyncio.Event) -> None:
     )
     metrics = GatewayMetrics()
     _wire_metrics(backend, metrics)
+    await _watch_schedulers(nc, subjects, backend, metrics)
     await backend.start()
     gateway = Gateway(backend, ctx, metrics, eos_ids, args.max_concurrent_requests)
     await _serve(args, nc, gateway, subjects, stop)
@@ -289,14 +298,44 @@ async def run_gateway(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 def _wire_metrics(backend: Backend, metrics: GatewayMetrics) -> None:
-    backend.on_heartbeat = lambda r: metrics.set_worker_blocks(
-        r.worker_id, r.role, r.free_blocks, r.total_blocks
-    )
+    silent_s = backend.peers.table.timeout_s
+
+    def on_heartbeat(r) -> None:
+        metrics.set_worker_blocks(r.worker_id, r.role, r.free_blocks, r.total_blocks)
+        metrics.forget_silent_schedulers(time.monotonic(), silent_s)  # even if all are gone
+
+    backend.on_heartbeat = on_heartbeat
     backend.on_transfer = lambda r: metrics.observe_kv_transfer(
         r.payload_bytes, r.seconds, r.exposed_seconds
     )
     backend.on_worker_dead = metrics.forget_worker
     backend.on_migration = lambda _reason: metrics.observe_migration()
+
+
+async def _watch_schedulers(
+    nc, subjects: Subjects, backend: Backend, metrics: GatewayMetrics
+) -> None:
+    """Turn the schedulers' SchedulerStats into metrics. Warn once per scheduler that may hold
+    a placement as long as this gateway waits for it: the gateway would give up first (a 504
+    instead of the 429 the scheduler answers after --max-hold-s)."""
+    silent_s, place_s = backend.peers.table.timeout_s, backend.timeouts.place_s
+    warned: set[str] = set()
+
+    async def on_stats(msg) -> None:
+        try:
+            stats = decode(SchedulerStats, msg.data)
+        except MessageError as err:
+            log.warning("bad_scheduler_stats", error=str(err))
+            return
+        now = time.monotonic()
+        metrics.observe_scheduler_stats(stats, now)
+        metrics.forget_silent_schedulers(now, silent_s)
+        if stats.max_hold_s >= place_s and stats.scheduler_id not in warned:
+            warned.add(stats.scheduler_id)
+            log.warning("place_timeout_too_short", scheduler_id=stats.scheduler_id,
+                        max_hold_s=stats.max_hold_s, place_timeout_s=place_s)  # fmt: skip
+
+    await nc.subscribe(subjects.scheduler_stats, cb=on_stats)
 
 
 async def _serve(args, nc, gateway: Gateway, subjects, stop: asyncio.Event) -> None:

@@ -1,7 +1,12 @@
 """`disagg scheduler`: the worker table from heartbeats and placement on `disagg.sched.place`.
 
-It holds no state but heartbeats, so several can run in the queue group: each sees every
-heartbeat, any one answers a placement.
+It holds no state but heartbeats (and the placements it is holding), so several can run in the
+queue group: each sees every heartbeat, any one answers a placement. Placements that would
+overrun decode memory wait here (see `rates`); every second a SchedulerStats message tells the
+gateways what is held, how full decode is, and the recommended P:D ratio.
+
+Several schedulers do not see each other's placements: between heartbeats two of them may
+count the same free blocks, and a decode worker then refuses one admit (the gateway retries).
 """
 
 from __future__ import annotations
@@ -9,7 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from dataclasses import fields
+
+import nats.errors
+from nats.aio.msg import Msg
 
 from disagg.services.common import (
     NatsConfig,
@@ -18,7 +27,8 @@ from disagg.services.common import (
     connect_nats,
     error_reply,
     flag,
-    guarded,
+    publish,
+    publish_reply,
     redact_url,
     run_service,
     subjects_for,
@@ -26,26 +36,51 @@ from disagg.services.common import (
 from disagg.services.scheduler.placement import (
     NoCapacityError,
     NoWorkerError,
+    PlaceDecision,
     PlaceInput,
     PlacementError,
     PlacementPolicy,
     PromptTooLongError,
     WorkerReport,
-    place,
+    decode_pressure,
+)
+from disagg.services.scheduler.rates import (
+    Answer,
+    HoldPolicy,
+    HoldRefusedError,
+    PlacementGate,
+    QueueTrend,
+    RateEstimator,
+    is_prefill_bound,
+    queued_prefill_tokens,
 )
 from disagg.shared.log import get_logger
-from disagg.shared.messages import Heartbeat, PlaceReply, PlaceRequest, decode, encode
+from disagg.shared.messages import (
+    Heartbeat,
+    MessageError,
+    PlaceReply,
+    PlaceRequest,
+    SchedulerStats,
+    check_id,
+    decode,
+    encode,
+    new_request_id,
+)
 
 log = get_logger("disagg.scheduler")
+TICK_S = 0.25  # held placements time out within this of --max-hold-s
+STATS_INTERVAL_S = 1.0
+DRAIN_S = 5.0  # bound on finishing the placement requests already received at shutdown
 
 
 def add_scheduler_args(p: argparse.ArgumentParser) -> None:
     add_nats_flags(p)
+    flag(p, "--id", default=None, help="scheduler id in stats and metrics (default: random)")
     flag(
         p,
         "--local-prefill-threshold",
         type=int,
-        default=0,
+        default=32,  # benchmarks/prefix_costs.py: the stall stays within ~10% of a decode step
         help="uncached prompt tokens below which the decode worker prefills itself; 0 = never",
     )
     flag(
@@ -61,44 +96,107 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="place as if no worker had anything cached (for comparisons)",
     )
+    add_rate_matching_args(p)
+
+
+def add_rate_matching_args(p: argparse.ArgumentParser) -> None:
+    hold = HoldPolicy()
+    flag(p, "--kv-watermark", type=float, default=hold.watermark,
+         help="decode KV usage (0-1] at or above which placements wait for room")  # fmt: skip
+    flag(p, "--max-held", type=int, default=hold.max_held,
+         help="placements waiting for decode room (beyond: 429); 0: never wait")  # fmt: skip
+    flag(p, "--max-hold-s", type=float, default=hold.max_hold_s,
+         help="longest wait for decode room, then 429; keep it below the gateway's "
+         "--place-timeout-s; 0: never wait")  # fmt: skip
+    flag(p, "--placement-grace-s", type=float, default=hold.confirm_s,
+         help="a placement counts against its workers on top of their heartbeats this long "
+         "(until its admit shows in them)")  # fmt: skip
+    flag(p, "--rate-window-s", type=float, default=10.0,
+         help="window of the measured P:D rates and of the prefill-queue trend")  # fmt: skip
 
 
 def report_of(hb: Heartbeat) -> WorkerReport:
     return WorkerReport(**{f.name: getattr(hb, f.name) for f in fields(WorkerReport)})
 
 
+class SchedulerStopping(PlacementError):
+    """The scheduler stopped while the request was held (HTTP 503)."""
+
+
+# What the gate carries per request: the message to answer and its request id.
+Held = tuple[Msg, str]
+
+
 class SchedulerService:
     """Placement over NATS. Worker liveness pauses while this scheduler's own NATS link is down
-    (see PeerWatch); on SIGTERM it drains its subscriptions and exits 0."""
+    (see PeerWatch); on SIGTERM it stops taking placements, answers the held ones with 503,
+    drains its subscriptions and exits 0."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.subjects = subjects_for(args)
+        self.scheduler_id = check_id("--id", args.id or "sched-" + new_request_id()[:10])
         self.policy = PlacementPolicy(
             local_prefill_threshold_tokens=args.local_prefill_threshold,
             prefix_weight=args.prefix_weight,
             prefix_routing=not args.no_prefix_routing,
         )
+        self.hold = HoldPolicy(
+            watermark=args.kv_watermark,
+            max_held=args.max_held,
+            max_hold_s=args.max_hold_s,
+            confirm_s=args.placement_grace_s,
+        )
+        self.gate: PlacementGate[Held] = PlacementGate(self.policy, self.hold)
+        self.rates = RateEstimator(args.rate_window_s)
+        self.trend = QueueTrend(args.rate_window_s)
         self.watch: PeerWatch | None = None
+        self.nc = None
 
     @property
     def table(self):
         return self.watch.table
 
     async def run(self, stop: asyncio.Event) -> None:
-        nc = await connect_nats(NatsConfig.from_args(self.args), "scheduler")
+        self.nc = nc = await connect_nats(NatsConfig.from_args(self.args), "scheduler")
         self.watch = PeerWatch(lambda: nc.is_connected, self.args.missed_heartbeats)
         await nc.subscribe(self.subjects.heartbeat, cb=self._on_heartbeat)
         queue = self.subjects.scheduler_queue
-        await nc.subscribe(self.subjects.place, queue=queue, cb=guarded(self._on_place, "place"))
-        log.info("scheduler_ready", nats=redact_url(self.args.nats), queue=queue)
+        placing = await nc.subscribe(self.subjects.place, queue=queue, cb=self._on_place)
+        log.info(
+            "scheduler_ready",
+            scheduler_id=self.scheduler_id,
+            nats=redact_url(self.args.nats),
+            queue=queue,
+            kv_watermark=self.hold.watermark,
+            max_held=self.hold.max_held,
+            max_hold_s=self.hold.max_hold_s,
+        )
+        next_stats = time.monotonic()
         while not stop.is_set():
-            for worker_id in self.watch.expire():
-                log.warning("worker_dead", worker_id=worker_id)
+            now = time.monotonic()
+            self._expire(now)
+            await self._answer(self.gate.release(self.table, now))
+            if now >= next_stats:
+                next_stats = now + STATS_INTERVAL_S
+                await self._publish_stats(now)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await asyncio.wait_for(stop.wait(), TICK_S)
+        await self._stop_placing(placing)
         await nc.drain()
         log.info("scheduler_stopped")
+
+    async def _stop_placing(self, placing) -> None:
+        """Take no new placement, finish those received, answer the held ones with 503."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError):  # NATS may be down
+            await asyncio.wait_for(placing.drain(), DRAIN_S)
+        stopping = SchedulerStopping("the scheduler is shutting down")
+        await self._answer(self.gate.cancel_all(stopping, time.monotonic()))
+
+    def _expire(self, now: float) -> None:
+        for worker_id in self.watch.expire(now):
+            log.warning("worker_dead", worker_id=worker_id)
+            self.rates.forget(worker_id)
 
     async def _on_heartbeat(self, msg) -> None:
         try:
@@ -106,44 +204,112 @@ class SchedulerService:
         except ValueError as err:  # MessageError, or a report the table refuses
             log.warning("bad_heartbeat", error=str(err))
             return
-        if self.watch.beat(report):
+        now = time.monotonic()
+        if self.watch.beat(report, now):
             log.info("worker_joined", worker_id=report.worker_id, role=report.role)
+        self.gate.after_heartbeat(self.table, report.worker_id, now)
+        self.rates.observe(report, now)
+        await self._answer(self.gate.release(self.table, now))
 
-    async def _on_place(self, msg) -> bytes:
-        req = decode(PlaceRequest, msg.data)
-        for worker_id in self.watch.expire():
-            log.warning("worker_dead", worker_id=worker_id)
+    async def _on_place(self, msg: Msg) -> None:
+        """Answer now, or hold the request (answered later by `_answer`); never raises."""
+        try:
+            req = decode(PlaceRequest, msg.data)
+        except MessageError as err:
+            await _reply(msg, error_reply(f"malformed place: {err}", 400))
+            return
+        try:
+            await self._place(msg, req)
+        except Exception as err:  # a bug in one request must not take the service down
+            log.exception("handler_failed", handler="place", request_id=req.request_id)
+            await _reply(msg, error_reply(f"place failed: {err}", 500, kind="server_error"))
+
+    async def _place(self, msg: Msg, req: PlaceRequest) -> None:
+        now = time.monotonic()
+        self._expire(now)
         request = PlaceInput(
             req.prompt_len,
             tuple(req.prefix_hashes),
             frozenset(req.exclude),
             hash_block_size=req.hash_block_size,
         )
-        try:
-            decision = place(self.table, request, self.policy)
-        except PlacementError as err:
-            return _placement_error(err)
-        self.table.note_placed(decision, req.prompt_len)
+        submitted = self.gate.submit(self.table, (msg, req.request_id), request, now)
+        if submitted.held_reason is not None:
+            log.info(
+                "placement_held",
+                request_id=req.request_id,
+                reason=submitted.held_reason,
+                held=self.gate.held,
+                decode_kv_usage=round(decode_pressure(self.table), 3),
+            )
+        await self._answer(submitted.answers)
+
+    async def _answer(self, answers: list[Answer[Held]]) -> None:
+        for answer in answers:
+            msg, request_id = answer.item
+            outcome = answer.outcome
+            if answer.held_s is not None:
+                log.info(
+                    "placement_released",
+                    request_id=request_id,
+                    held_s=round(answer.held_s, 3),
+                    outcome="placed" if isinstance(outcome, PlaceDecision) else "refused",
+                    error=None if isinstance(outcome, PlaceDecision) else str(outcome),
+                )
+            if isinstance(outcome, PlaceDecision):
+                await _reply(msg, self._placed(request_id, outcome, answer.request))
+            else:
+                await _reply(msg, _placement_error(outcome))
+
+    def _placed(self, request_id: str, decision: PlaceDecision, request: PlaceInput) -> bytes:
         log.info(
             "placed",
-            request_id=req.request_id,
+            request_id=request_id,
             decode=decision.decode_id,
             prefill=decision.prefill_id,
-            excluded=req.exclude or None,
+            excluded=sorted(request.exclude) or None,
         )
         return encode(
             PlaceReply(
-                request_id=req.request_id,
+                request_id=request_id,
                 decode_id=decision.decode_id,
                 prefill_id=decision.prefill_id,
             )
         )
 
+    async def _publish_stats(self, now: float) -> None:
+        self.trend.add(now, queued_prefill_tokens(self.table))
+        if self.nc.is_connected:  # else: these stats are stale by the reconnection
+            await publish(self.nc, self.subjects.scheduler_stats, encode(self.stats(now)))
+
+    def stats(self, now: float) -> SchedulerStats:
+        """This scheduler's rate-matching state now."""
+        table, counters = self.table, self.gate.counters
+        return SchedulerStats(
+            scheduler_id=self.scheduler_id,
+            held=self.gate.held,
+            holds=counters.holds,
+            hold_timeouts=counters.timeouts,
+            hold_overflows=counters.overflows,
+            hold_seconds=counters.hold_seconds,
+            max_hold_s=self.hold.max_hold_s,
+            decode_kv_usage=min(1.0, max(0.0, decode_pressure(table))),
+            prefill_bound=is_prefill_bound(table, self.trend, self.gate.held, self.hold.watermark),
+            prefill_decode_ratio=self.rates.ratio(now),
+        )
+
+
+async def _reply(msg: Msg, reply: bytes) -> None:
+    """Answer a request; a gateway that gave up meanwhile (its inbox is gone) gets nothing and
+    loses nothing."""
+    if msg.reply:
+        await publish_reply(msg, reply)
+
 
 def _placement_error(err: PlacementError) -> bytes:
-    if isinstance(err, NoWorkerError):
+    if isinstance(err, NoWorkerError | SchedulerStopping):
         return error_reply(str(err), 503)
-    if isinstance(err, NoCapacityError):
+    if isinstance(err, NoCapacityError | HoldRefusedError):
         return error_reply(str(err), 429, kind="rate_limit_error")
     if isinstance(err, PromptTooLongError):
         return error_reply(str(err), 400)
