@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from disagg.services.workers.decode import DecodeWorker
+from disagg.services.workers.decode import AdmitError, DecodeWorker
 from disagg.services.workers.prefill import PrefillJob, PrefillWorker
 from disagg.services.workers.runtime import RuntimeConfig, build_runtime
 from disagg.shared.engine import RequestError
@@ -189,3 +189,32 @@ def test_prefill_refuses_a_transfer_that_does_not_end_at_the_prompt(checkpoints)
         assert_pool_full(rt.pool)
     finally:
         sender.close()
+
+
+def test_decode_held_prefix_is_released_on_abort_failure_and_refusal(checkpoints):
+    """Every way out of a pending admit gives back the shared prefix blocks as well as the new
+    ones; the prefix stays cached for the next request."""
+    path = checkpoints(arch="llama")
+    rt = build_runtime(RuntimeConfig(model=path, num_blocks=12, block_size=BLOCK))
+    receiver = KVReceiver("127.0.0.1")
+    try:
+        decode = DecodeWorker(rt.engine, receiver, fingerprint=rt.fingerprint)
+        prefix = tokens(13, 16)
+        run_one(rt.engine, "warm", prefix + tokens(14, 2), n=1)  # caches 4 prefix blocks
+        params = SamplingParams(max_tokens=4)
+        transfer = decode.admit("a", prefix + tokens(15, 3), params)
+        assert transfer.first_block == 4 and len(transfer.block_ids) == 1
+        assert decode.abort("a")
+        transfer = decode.admit("b", prefix + tokens(16, 3), params)
+        assert transfer.first_block == 4
+        assert decode.fail_transfers_from("nobody") == 0
+        decode.receiver.cancel(transfer.transfer_id)
+        decode._fail(transfer.transfer_id, "test: the prefill worker died")
+        decode.admit("x", tokens(18, 20), params)  # 5 blocks held
+        with pytest.raises(AdmitError, match="no room"):  # 4 cached + 7 new, 3 free
+            decode.admit("c", prefix + tokens(17, 25), params)
+        assert decode.abort("x")
+        assert_pool_full(rt.pool)
+        assert len(rt.engine.cached_prefix(prefix + [1])) == 4  # still cached
+    finally:
+        receiver.close()
