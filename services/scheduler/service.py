@@ -80,7 +80,10 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
         p,
         "--local-prefill-threshold",
         type=int,
-        default=32,  # benchmarks/prefix_costs.py: the stall stays within ~10% of a decode step
+        # benchmarks/prefix_costs.py on a CPU: even 8 prompt tokens in a batch-8 decode step
+        # add 24% to it, more than the remote path's round trips cost. Worth it where a decode
+        # step is memory-bound and a few prompt tokens ride along nearly free (GPUs).
+        default=0,
         help="uncached prompt tokens below which the decode worker prefills itself; 0 = never",
     )
     flag(
