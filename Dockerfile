@@ -33,6 +33,8 @@ COPY pyproject.toml README.md ./
 COPY services services
 COPY shared shared
 COPY kernels kernels
+COPY cli cli
+COPY benchmarks benchmarks
 RUN pip install --constraint /etc/pip-constraints.txt . \
     && rm -rf /src
 

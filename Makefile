@@ -31,12 +31,12 @@ up: $(STAMP)
 	$(VENV)/bin/disagg up
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check services shared kernels tests benchmarks
-	$(VENV)/bin/ruff format --check services shared kernels tests benchmarks
+	$(VENV)/bin/ruff check services shared kernels cli tests benchmarks
+	$(VENV)/bin/ruff format --check services shared kernels cli tests benchmarks
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format services shared kernels tests benchmarks
-	$(VENV)/bin/ruff check --fix services shared kernels tests benchmarks
+	$(VENV)/bin/ruff format services shared kernels cli tests benchmarks
+	$(VENV)/bin/ruff check --fix services shared kernels cli tests benchmarks
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

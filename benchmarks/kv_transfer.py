@@ -1,10 +1,11 @@
 """How fast disagg moves KV from a prefill to a decode worker, against raw ZeroMQ, in one run.
 
 Two processes, each pinned to its own core with one torch thread (`--cpus PREFILL,DECODE`): this
-one runs a PrefillWorker + KVSender, a spawned child runs a DecodeWorker + KVReceiver. The child is
-driven by JSON over a multiprocessing Pipe (the benchmark's own control channel; KV only ever moves
-over the product's ZeroMQ sockets). For each wire mode (fp32 cache -> fp32 wire, bf16 -> bf16,
-fp32 -> int8) it measures, after one warm-up, the median of `--repeats` runs of:
+one runs a PrefillWorker + KVSender, a spawned child (`kv_transfer_decode.py`) runs a DecodeWorker
++ KVReceiver. The child is driven by JSON over a multiprocessing Pipe (the benchmark's own control
+channel; KV only ever moves over the product's ZeroMQ sockets). For each wire mode (fp32 cache
+-> fp32 wire, bf16 -> bf16, fp32 -> int8) it measures, after one warm-up, the median of
+`--repeats` runs of:
 
 - **prefill**: a `--prompt-len` prompt prefilled with the per-layer hand-off. `prefill` is step
   start -> `finish()` called (every layer, the pack copies, sampling); `pack` the part of it spent
@@ -29,40 +30,46 @@ once into `~/.cache/disagg/bench/`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
-import multiprocessing as mp
 import os
-import platform
-import signal
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 import zmq
 
-from disagg.services.bench.checkpoint import BENCH_SPEC, bench_checkpoint
-from disagg.services.workers.decode import AdmitError, DecodeWorker
-from disagg.services.workers.prefill import PrefillJob, PrefillWorker
-from disagg.services.workers.runtime import Runtime, RuntimeConfig, build_runtime
-from disagg.shared.log import configure_logging
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.tiny import parameter_count
-from disagg.shared.transfer import (
-    DEFAULT_MAX_CHUNK_BYTES,
-    WIRE_DTYPES,
-    KVReceiver,
-    KVSender,
-    TransferDescriptor,
-    TransferResult,
-    TransferStats,
+from disagg.benchmarks.harness.checkpoint import BENCH_SPEC, bench_checkpoint
+from disagg.benchmarks.kv_transfer_decode import (
+    IDLE_WAIT_S,
+    STEP_TIMEOUT_S,
+    DecodeProcess,
+    blocks_for,
+    clock_is_shared,
+    pick_cores,
+    pin_to_core,
+    runtime_config,
 )
+from disagg.benchmarks.kv_transfer_report import (
+    MODE_LABELS,
+    format_table,
+    machine_info,
+    print_contention,
+    print_header,
+)
+from disagg.cli.tiny import parameter_count
+from disagg.services.workers.prefill import PrefillJob, PrefillWorker
+from disagg.shared.engine.runtime import Runtime, build_runtime
+from disagg.shared.log import configure_logging
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.transfer.layout import WIRE_DTYPES
+from disagg.shared.transfer.sender import DEFAULT_MAX_CHUNK_BYTES, TransferStats
+from disagg.shared.transfer.sockets import KVSender
 
 # mode -> (KV cache dtype on both sides, wire dtype; None = the cache's own)
 MODES: dict[str, tuple[str, str | None]] = {
@@ -70,226 +77,8 @@ MODES: dict[str, tuple[str, str | None]] = {
     "bf16": ("bfloat16", None),
     "int8": ("float32", "int8"),
 }
-MODE_LABELS = {"fp32": "fp32->fp32", "bf16": "bf16->bf16", "int8": "fp32->int8"}
-BLOCK_SIZE = 16
 SCALE_BYTES = 4  # one float32 scale per (kv, token, kv head) on the int8 wire
-READY_TIMEOUT_S = 300.0  # the child imports torch and loads the model on one busy core
-STEP_TIMEOUT_S = 180.0  # one bf16 prefill on one AVX2 core takes ~10 s; leave room for a busy box
-IDLE_WAIT_S = 0.001  # the decode loop's poll interval while it only waits for a transfer
 SEND_TIMEOUT_MS = 10_000
-CONTENDED_CPU_SHARE = 0.9  # prefill thread CPU time / wall time below this: the core was shared
-
-
-# -- setup ------------------------------------------------------------------------------------
-
-
-def pin_to_core(core: int) -> None:
-    """Pin every thread of this process to `core` (later threads inherit it); one torch thread."""
-    tasks = Path("/proc/self/task")
-    tids = [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]
-    for tid in tids:
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(tid, {core})
-    torch.set_num_threads(1)
-
-
-def pick_cores(spec: str | None) -> tuple[int, int]:
-    """`--cpus P,D`, or the first two cores this process may use (one core: both share it)."""
-    if spec:
-        prefill, decode = (int(c) for c in spec.split(","))
-        return prefill, decode
-    cores = sorted(os.sched_getaffinity(0))
-    return cores[0], cores[1 % len(cores)]
-
-
-def runtime_config(setup: dict[str, Any]) -> RuntimeConfig:
-    """The RuntimeConfig both sides build from the same setup dict."""
-    return RuntimeConfig(
-        model=Path(setup["model"]), dtype=setup["dtype"], device=setup["device"],
-        num_blocks=setup["num_blocks"], block_size=BLOCK_SIZE, max_num_seqs=4,
-        max_num_batched_tokens=max(512, setup["prompt_len"]),
-    )  # fmt: skip
-
-
-def blocks_for(tokens: int) -> int:
-    return -(-tokens // BLOCK_SIZE)
-
-
-# -- control pipe -----------------------------------------------------------------------------
-
-
-def send_msg(conn: Connection, **msg: Any) -> None:
-    """One JSON message on the control pipe (bytes, never pickle)."""
-    conn.send_bytes(json.dumps(msg).encode())
-
-
-def recv_msg(conn: Connection) -> dict[str, Any]:
-    return json.loads(conn.recv_bytes())
-
-
-# -- decode process (child) -------------------------------------------------------------------
-
-
-class RecordingReceiver(KVReceiver):
-    """A KVReceiver that keeps each result DecodeWorker polls, so the benchmark can report it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.recorded: list[TransferResult] = []
-
-    def poll_completed(self, timeout: float = 0.0) -> list[TransferResult]:
-        results = super().poll_completed(timeout)
-        self.recorded.extend(results)
-        return results
-
-
-def decode_main(conn: Connection, setup_json: str) -> None:
-    """Child entry point: pin, build DecodeWorker + receiver, serve the parent until quit/EOF."""
-    setup = json.loads(setup_json)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # keep the parent's stdout for the table
-    pin_to_core(setup["core"])
-    configure_logging("warning")
-    rt = build_runtime(runtime_config(setup))
-    receiver = RecordingReceiver("127.0.0.1")
-    worker = DecodeWorker(
-        rt.engine, receiver, fingerprint=rt.fingerprint, transfer_deadline_s=STEP_TIMEOUT_S,
-        wire_dtype=setup["wire_dtype"],
-    )  # fmt: skip
-    try:
-        send_msg(
-            conn, event="ready", fingerprint=rt.fingerprint, cores=sorted(os.sched_getaffinity(0))
-        )
-        serve_decode(conn, worker, receiver)
-    except (EOFError, BrokenPipeError):
-        pass  # the parent went away: nothing left to report to
-    finally:
-        receiver.close()
-
-
-def serve_decode(conn: Connection, worker: DecodeWorker, receiver: RecordingReceiver) -> None:
-    """Handle control messages and step the worker; report each received transfer and finish."""
-    while True:
-        busy = worker.engine.has_unfinished()
-        if conn.poll(0.0 if busy else IDLE_WAIT_S):
-            msg = recv_msg(conn)
-            if msg["op"] == "quit":
-                return
-            handle_op(conn, worker, msg)
-        if not worker.has_work():
-            continue
-        outputs = worker.step()
-        for result in receiver.recorded:
-            send_msg(conn, event="received", **asdict(result))
-        receiver.recorded.clear()
-        for out in outputs:
-            if out.finished:
-                send_msg(conn, event="finished", request_id=out.request_id, error=out.error)
-
-
-def handle_op(conn: Connection, worker: DecodeWorker, msg: dict[str, Any]) -> None:
-    """One control request: admit a prompt, answer a clock ping, or run the raw ZeroMQ sink."""
-    if msg["op"] == "ping":
-        send_msg(conn, event="pong", clock=time.monotonic())
-    elif msg["op"] == "admit":
-        try:
-            desc = worker.admit(msg["request_id"], msg["prompt"], SamplingParams(max_tokens=1))
-        except AdmitError as err:
-            send_msg(conn, event="error", error=f"admit refused ({err.status}): {err}")
-            return
-        send_msg(conn, event="admitted", transfer=desc.to_dict())
-    elif msg["op"] == "raw":
-        raw_sink(conn, msg["messages"], msg["rounds"])
-    else:
-        send_msg(conn, event="error", error=f"unknown op {msg['op']!r}")
-
-
-def raw_sink(conn: Connection, messages: int, rounds: int) -> None:
-    """Bare PULL socket: receive `rounds` x `messages` multipart messages, report each round."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 64)  # as KVReceiver
-    try:
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-        send_msg(conn, event="raw_ready", address=f"tcp://127.0.0.1:{port}")
-        for _ in range(rounds):
-            nbytes = receive_round(sock, messages)
-            send_msg(conn, event="raw_round", completed_at=time.monotonic(), bytes=nbytes)
-    except TimeoutError as err:
-        send_msg(conn, event="error", error=str(err))
-    finally:
-        sock.close()
-        ctx.term()
-
-
-def receive_round(sock: zmq.Socket, messages: int) -> int:
-    """Receive `messages` multipart messages zero-copy; returns the bytes received."""
-    deadline = time.monotonic() + STEP_TIMEOUT_S
-    nbytes = 0
-    for _ in range(messages):
-        left_ms = int(1000 * (deadline - time.monotonic()))
-        if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
-            raise TimeoutError(f"raw ZeroMQ round not received within {STEP_TIMEOUT_S} s")
-        nbytes += sum(frame.buffer.nbytes for frame in sock.recv_multipart(copy=False))
-    return nbytes
-
-
-class DecodeProcess:
-    """The decode side in a spawned child pinned to its own core; every wait is bounded."""
-
-    def __init__(self, setup: dict[str, Any]) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=decode_main, args=(child_conn, json.dumps(setup)), name="decode", daemon=True
-        )
-        self.proc.start()
-        child_conn.close()
-        try:
-            self.ready = self.expect("ready", READY_TIMEOUT_S)
-        except BaseException:
-            self.close()
-            raise
-
-    def request(self, event: str, timeout: float = STEP_TIMEOUT_S, **msg: Any) -> dict[str, Any]:
-        """Send an op and wait for the reply `event`."""
-        send_msg(self.conn, **msg)
-        return self.expect(event, timeout)
-
-    def expect(self, event: str, timeout: float = STEP_TIMEOUT_S) -> dict[str, Any]:
-        """The next message, which must be `event`; `observed_at` is when this process got it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.conn.poll(min(0.5, max(0.0, deadline - time.monotonic()))):
-                msg = recv_msg(self.conn)
-                msg["observed_at"] = time.perf_counter()
-                if msg["event"] != event:
-                    raise RuntimeError(f"decode process: wanted {event!r}, got {msg}")
-                return msg
-            if not self.proc.is_alive():
-                raise RuntimeError(f"decode process exited ({self.proc.exitcode})")
-        raise TimeoutError(f"decode process sent no {event!r} within {timeout} s")
-
-    def close(self) -> None:
-        """Ask the child to quit; kill it by PID if it has not within 10 s. Safe to call twice."""
-        if self.proc.is_alive():
-            with contextlib.suppress(OSError):
-                send_msg(self.conn, op="quit")
-            self.proc.join(10.0)
-        if self.proc.is_alive():
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.join(5.0)
-        self.conn.close()
-
-
-def clock_is_shared(decode: DecodeProcess) -> bool:
-    """True if the child's time.monotonic() and our perf_counter() are one system-wide clock."""
-    infos = [time.get_clock_info(name).implementation for name in ("perf_counter", "monotonic")]
-    if infos != ["clock_gettime(CLOCK_MONOTONIC)"] * 2:
-        return False
-    before = time.perf_counter()
-    pong = decode.request("pong", op="ping")
-    return before <= pong["clock"] <= pong["observed_at"]
 
 
 # -- prefill side (this process) --------------------------------------------------------------
@@ -327,7 +116,7 @@ class Bench:
         reply = self.decode.request(
             "admitted", op="admit", request_id=request_id, prompt=self.prompt
         )
-        return TransferDescriptor.from_dict(reply["transfer"])
+        return msgspec.convert(reply["transfer"], TransferDescriptor)
 
     def wait_received(self) -> float:
         """Wait until decode adopted the transfer and finished; returns when it completed."""
@@ -512,83 +301,6 @@ def measure(bench: Bench, mode: str, repeats: int) -> dict[str, Any]:
         "runs": runs,
         "median": median,
     }
-
-
-# -- report -----------------------------------------------------------------------------------
-
-COLUMNS = (
-    ("mode", "{:<11}", None),
-    ("prefill ms", "{:>10.0f}", ("prefill_s", 1e3)),
-    ("pack ms", "{:>8.1f}", ("pack_s", 1e3)),
-    ("KV MB", "{:>7.2f}", ("payload_bytes", 1e-6)),
-    ("wire MB", "{:>8.2f}", ("wire_bytes", 1e-6)),
-    ("exposed ms", "{:>10.1f}", ("exposed_s", 1e3)),
-    ("exposed %", "{:>9.3f}", ("exposed_frac", 100)),
-    ("eff GB/s", "{:>8.3f}", ("effective_gbps", 1)),
-    ("pipe pack ms", "{:>12.1f}", ("pipe_pack_s", 1e3)),
-    ("pipe GB/s", "{:>9.3f}", ("pipe_gbps", 1)),
-    ("raw GB/s", "{:>8.3f}", ("raw_gbps", 1)),
-    ("eff/raw", "{:>7.3f}", ("eff_over_raw", 1)),
-    ("pipe/raw", "{:>8.3f}", ("pipe_over_raw", 1)),
-)
-
-
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """One row per mode of the medians."""
-    widths = [len(fmt.format(0 if key else "")) for _, fmt, key in COLUMNS]
-    lines = ["  ".join(f"{name:>{w}}" for (name, _, _), w in zip(COLUMNS, widths))]
-    for mode, result in results.items():
-        median = result["median"]
-        cells = [
-            fmt.format(MODE_LABELS[mode]) if key is None else fmt.format(median[key[0]] * key[1])
-            for _, fmt, key in COLUMNS
-        ]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
-
-
-def machine_info(args: argparse.Namespace, cores: tuple[int, int]) -> dict[str, Any]:
-    """Where and when this ran."""
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host_cpus": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "zmq": zmq.zmq_version(),
-        "device": args.device,
-        "cores": {"prefill": cores[0], "decode": cores[1]},
-        "torch_threads_per_process": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-    }
-
-
-def print_header(info: dict[str, Any], args: argparse.Namespace, params: int | None) -> None:
-    size = f"{params / 1e6:.0f}M params" if params else "parameters unknown"
-    print(f"disagg KV transfer benchmark  {info['date']}")
-    print(
-        f"machine: {info['host_cpus']} cpus ({info['cpu']}), prefill on core "
-        f"{info['cores']['prefill']}, decode on core {info['cores']['decode']}, "
-        f"{info['torch_threads_per_process']} torch thread each, device {info['device']}, "
-        f"load avg {info['load_average'][0]:.2f}"
-    )
-    print(
-        f"model: {args.model} ({size}); prompt {args.prompt_len} tokens, block {BLOCK_SIZE}, "
-        f"max chunk {DEFAULT_MAX_CHUNK_BYTES >> 20} MiB; "
-        f"medians of {args.repeats} runs after 1 warm-up"
-    )
-
-
-def print_contention(results: dict[str, dict[str, Any]]) -> None:
-    """Warn when the prefill thread did not have its core: its compute times are then inflated."""
-    for mode, result in results.items():
-        shares = [run["cpu_share"] for run in result["runs"]["prefill"]]
-        if min(shares) < CONTENDED_CPU_SHARE:
-            print(
-                f"warning: {MODE_LABELS[mode]}: the prefill thread got "
-                f"{', '.join(f'{s:.0%}' for s in shares)} of its core per run (other processes "
-                "or its own sender thread competed for it); its prefill/pack times are inflated"
-            )
 
 
 # -- main -------------------------------------------------------------------------------------

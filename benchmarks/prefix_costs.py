@@ -32,11 +32,13 @@ from pathlib import Path
 import nats
 import torch
 
-from disagg.services.bench.checkpoint import bench_checkpoint
-from disagg.services.procs import NatsServer
-from disagg.services.workers.runtime import RuntimeConfig, build_runtime
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import KVReceiver, KVSender, TransferDescriptor
+from disagg.benchmarks.harness.checkpoint import bench_checkpoint
+from disagg.cli.procs import NatsServer
+from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
+from disagg.shared.engine.scheduler import EngineConfig
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.transfer.sockets import KVReceiver, KVSender
 
 SUFFIX = 32
 PARAMS = SamplingParams(max_tokens=1, ignore_eos=True)
@@ -114,7 +116,11 @@ def main() -> None:
     torch.set_num_threads(1)
     rtt = asyncio.run(nats_round_trip_s())
     model = args.model or bench_checkpoint()
-    rt = build_runtime(RuntimeConfig(model=model, kv_memory_gb=1.0, max_num_batched_tokens=4096))
+    rt = build_runtime(
+        RuntimeConfig(
+            model=model, kv_memory_gb=1.0, engine=EngineConfig(max_num_batched_tokens=4096)
+        )
+    )
     engine, vocab = rt.engine, rt.model.args.vocab_size
     sender, receiver = KVSender(rt.fingerprint), KVReceiver("127.0.0.1")
     rows, seed = [], 0

@@ -37,11 +37,12 @@ from typing import Any
 
 import torch
 
-from disagg.services.bench.checkpoint import bench_checkpoint
-from disagg.services.bench.stack import ForeignCpu
-from disagg.services.workers.runtime import Runtime, RuntimeConfig, build_runtime
+from disagg.benchmarks.harness.checkpoint import bench_checkpoint
+from disagg.benchmarks.harness.stack import ForeignCpu
+from disagg.shared.engine.runtime import Runtime, RuntimeConfig, build_runtime
+from disagg.shared.engine.scheduler import EngineConfig
 from disagg.shared.log import configure_logging
-from disagg.shared.sampling import SamplingParams
+from disagg.shared.protocol.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DECODE_BATCHES = (1, 8, 32)
@@ -166,7 +167,7 @@ def time_decode(rt: Runtime, batch: int, context: int, steps: int, device: str) 
     ids = [f"decode-{batch}-{i}" for i in range(batch)]
     for rid, prompt in zip(ids, prompts(batch, context, rt.model.args.vocab_size)):
         eng.add_request(rid, prompt, greedy(steps + 4))
-    while any(not eng.requests[rid].output for rid in ids):
+    while any(not eng.scheduler.requests[rid].output for rid in ids):
         eng.step()  # the prompts' prefill, chunked by the engine's token budget
     times = []
     for _ in range(steps):
@@ -282,11 +283,11 @@ def print_report(info: dict, machine: dict, roof: list[dict], gen: list[dict]) -
 
 
 def machine_info(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
-    from disagg.services.bench.report import cpu_model
+    from disagg.benchmarks.harness.report import cpu_model
 
     cpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_model()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": cpu, "threads": torch.get_num_threads(), "device": args.device,
         "dtype": args.dtype, "torch": torch.__version__, "load_average": os.getloadavg(),
         "params_m": sum(p.numel() for p in rt.model.parameters()) / 1e6,
@@ -328,8 +329,10 @@ def setup(args: argparse.Namespace) -> Runtime:
     tokens = max(DECODE_BATCHES) * (args.context + args.steps + 8)
     cfg = RuntimeConfig(
         model=args.model, dtype=args.dtype, device=args.device, kv_memory_gb=1.0,
-        max_num_seqs=max(DECODE_BATCHES + GENERATE_BATCHES),
-        max_num_batched_tokens=max(args.prompt_len, 512),
+        engine=EngineConfig(
+            max_num_seqs=max(DECODE_BATCHES + GENERATE_BATCHES),
+            max_num_batched_tokens=max(args.prompt_len, 512),
+        ),
     )  # fmt: skip
     rt = build_runtime(cfg)
     if rt.capacity_tokens < tokens:

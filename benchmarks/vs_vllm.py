@@ -33,13 +33,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from disagg.services.bench import report
-from disagg.services.bench.checkpoint import bench_checkpoint, cache_root
-from disagg.services.bench.metrics import parse_slos, ratios
-from disagg.services.bench.runner import RunConfig, RunResult, run_trace
-from disagg.services.bench.stack import ForeignCpu, UpProcess
-from disagg.services.bench.workload import TraceRequest, WorkloadSpec, make_trace, warmup_trace
-from disagg.services.procs import free_port
+from disagg.benchmarks.harness import report
+from disagg.benchmarks.harness.checkpoint import bench_checkpoint, cache_root
+from disagg.benchmarks.harness.metrics import parse_slos, ratios
+from disagg.benchmarks.harness.runner import RunConfig, RunResult, run_trace
+from disagg.benchmarks.harness.stack import ForeignCpu, UpProcess
+from disagg.benchmarks.harness.workload import TraceRequest, WorkloadSpec, make_trace, warmup_trace
+from disagg.cli.procs import free_port
 
 TORCH = "torch==2.13.0"
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")

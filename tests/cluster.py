@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from disagg.services.procs import Child, NatsServer, disagg_command, free_port
+from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
 
 STARTUP_S = 240
 WAIT_S = 60.0  # bound on any single wait (death detection is ~3 s)

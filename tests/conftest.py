@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from disagg.shared.kv import BlockPool
-from disagg.shared.tiny import TinySpec, write_tiny_checkpoint
+from disagg.cli.tiny import TinySpec, write_tiny_checkpoint
+from disagg.shared.engine.block_pool import BlockPool
 
 
 @pytest.fixture(scope="session")

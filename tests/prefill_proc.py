@@ -17,12 +17,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import msgspec
 import torch
 
 from disagg.services.workers.prefill import PrefillJob, PrefillWorker
-from disagg.services.workers.runtime import RuntimeConfig, build_runtime
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import KVSender, TransferDescriptor
+from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
+from disagg.shared.engine.scheduler import EngineConfig
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.transfer.sockets import KVSender
 
 
 def emit(**event) -> None:
@@ -52,9 +55,12 @@ def handle(worker: PrefillWorker, msg: dict) -> bool:
     if msg["op"] == "abort":
         emit(event="aborted", request_id=msg["request_id"], found=worker.abort(msg["request_id"]))
         return True
-    params = SamplingParams(**msg["params"])
+    params = msgspec.convert(msg["params"], SamplingParams)
     job = PrefillJob(
-        msg["request_id"], msg["prompt"], params, TransferDescriptor.from_dict(msg["transfer"])
+        msg["request_id"],
+        msg["prompt"],
+        params,
+        msgspec.convert(msg["transfer"], TransferDescriptor),
     )
     try:
         worker.submit(job)
@@ -76,7 +82,7 @@ def main() -> int:
     torch.set_num_threads(1)
     cfg = RuntimeConfig(
         model=args.model, dtype=args.dtype, num_blocks=args.blocks, block_size=args.block_size,
-        max_num_batched_tokens=args.budget,
+        engine=EngineConfig(max_num_batched_tokens=args.budget),
     )  # fmt: skip
     rt = build_runtime(cfg)
     sender = KVSender(rt.fingerprint, max_chunk_bytes=args.max_chunk_bytes)

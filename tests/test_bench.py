@@ -13,19 +13,19 @@ import httpx
 import numpy as np
 import pytest
 
-from disagg.services.bench import client as bench_client
-from disagg.services.bench import compare, metrics, report
-from disagg.services.bench.cli import main_run, with_compare_defaults, workload_spec
-from disagg.services.bench.metrics import RequestRecord
-from disagg.services.bench.stack import UpProcess
-from disagg.services.bench.workload import (
+from disagg.benchmarks.harness import client as bench_client
+from disagg.benchmarks.harness import compare, metrics, report
+from disagg.benchmarks.harness.cli import main_run, with_compare_defaults, workload_spec
+from disagg.benchmarks.harness.metrics import RequestRecord
+from disagg.benchmarks.harness.stack import UpProcess
+from disagg.benchmarks.harness.workload import (
     WorkloadSpec,
     make_trace,
     prefix_groups,
     shared_prefixes,
     warmup_trace,
 )
-from disagg.services.cli import build_parser
+from disagg.cli.main import build_parser
 
 
 def record(sent, chunks, done, out=None, kind="short", prompt_len=10, error=None):

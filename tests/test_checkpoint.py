@@ -108,7 +108,7 @@ def test_cli_reports_one_line_not_a_traceback(folder):
         [
             sys.executable,
             "-m",
-            "disagg.services.cli",
+            "disagg.cli.main",
             "generate",
             "--model",
             str(folder),

@@ -44,7 +44,7 @@ def services(compose: dict) -> dict:
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     try:
-        from disagg.services.cli import build_parser
+        from disagg.cli.main import build_parser
     except ImportError as err:
         pytest.skip(f"CLI parser not importable: {err}")
     parser = build_parser()

@@ -12,20 +12,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import msgpack
+import msgspec
 import pytest
 import torch
 import zmq
 
 from disagg.kernels.kv_pack import pack_kv, unpack_kv
 from disagg.services.workers.decode import AdmitError, DecodeWorker
-from disagg.services.workers.runtime import RuntimeConfig, build_runtime
+from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
 from disagg.shared.model.batch import ForwardBatch
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import KVReceiver
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.transfer.sockets import KVReceiver
 from tests.conftest import assert_pool_full, hf_greedy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,13 +54,13 @@ class PrefillProcess:
         self.proc.stdin.write(json.dumps(msg) + "\n")
 
     def job(self, request_id, prompt, params, transfer) -> None:
-        params = {**asdict(params), "stop_token_ids": list(params.stop_token_ids)}
+        params = msgspec.to_builtins(params)
         self.send(
             op="job",
             request_id=request_id,
             prompt=prompt,
             params=params,
-            transfer=transfer.to_dict(),
+            transfer=msgspec.to_builtins(transfer),
         )
 
     def expect(self, event: str, timeout: float = TIMEOUT_S) -> dict:
@@ -189,7 +189,7 @@ def test_heterogeneous_bf16_prefill_into_fp32_decode(checkpoints, decode_side, p
     prompts = prompts_of((7, 13), seed=1)
     outs, _, _ = disagg_generate(decode, prefill, prompts, SamplingParams(max_tokens=8))
     for prompt, out in zip(prompts, outs):
-        assert len(out) == 8 or out[-1] in decode.engine.eos_ids
+        assert len(out) == 8 or out[-1] in decode.engine.scheduler.eos_ids
         ref = hf_greedy(model, prompt, 8)
         assert out[0] == ref[0]  # bf16 prompt KV, fp32 decode: at least the first token agrees
     assert_pool_full(decode.pool)

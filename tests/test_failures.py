@@ -31,23 +31,19 @@ import httpx
 import nats
 import pytest
 
-from disagg.services.common import NatsConfig, NatsRefused, PeerWatch, connect_nats
-from disagg.services.gateway.backend import _Stream, _WorkerDied
+from disagg.cli.procs import NatsServer, disagg_command, free_port
 from disagg.services.gateway.migration import BackendError, Progress, WorkerLost
-from disagg.services.procs import NatsServer, disagg_command, free_port
-from disagg.services.scheduler.placement import WorkerReport
+from disagg.services.gateway.stream import AttemptStream, WorkerDied
 from disagg.services.workers.decode import AdmitError, DecodeWorker, FailedTransfer
-from disagg.services.workers.runtime import RuntimeConfig, build_runtime
-from disagg.shared.messages import (
-    MAX_ID_LEN,
-    AbortReply,
-    ErrorBody,
-    StreamChunk,
-    check_id,
-    decode_reply,
-)
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import KVReceiver
+from disagg.shared.cluster import PeerWatch
+from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
+from disagg.shared.engine.scheduler import EngineConfig
+from disagg.shared.protocol.codec import ErrorBody, decode_reply
+from disagg.shared.protocol.messages import AbortReply, Heartbeat, StreamChunk
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.types import MAX_ID_LEN, check_id
+from disagg.shared.service import NatsAuth, NatsConfig, NatsRefused, connect_nats
+from disagg.shared.transfer.loopback import Loopback
 from tests.cluster import (
     STARTUP_S,
     WAIT_S,
@@ -161,20 +157,20 @@ def test_progress_moves_prompt_plus_generated_and_gives_up_past_the_limit():
 
 
 def test_stream_reorders_dedups_and_notices_lost_chunks():
-    s = _Stream(decode_id="d1", prefill_id="p1")
+    s = AttemptStream(decode_id="d1", prefill_id="p1")
     assert s.absorb(chunk("d1", 0, [5, 6])).token_ids == [5, 6]  # decode overtook prefill
     assert s.absorb(chunk("p1", 0, [5])).token_ids == []  # the duplicate first token
-    assert s.decoding and s.lost_holder(_WorkerDied("p1")) is None  # prefill no longer needed
+    assert s.decoding and s.lost_holder(WorkerDied("p1")) is None  # prefill no longer needed
     with pytest.raises(WorkerLost, match="2 tokens of the stream from d1 were lost"):
         s.absorb(chunk("d1", 4, [9]))
-    done = _Stream(decode_id="d1", prefill_id="p1")
+    done = AttemptStream(decode_id="d1", prefill_id="p1")
     event = done.absorb(chunk("d1", 0, [5, 6], finish="length"))
     assert event.token_ids == [5, 6] and event.finish_reason == "length"
 
 
 def test_stream_errors_blame_the_right_worker():
     busy = ErrorBody(message="KV transfer deadline passed", type="x", code=503)
-    s = _Stream(decode_id="d1", prefill_id="p1")
+    s = AttemptStream(decode_id="d1", prefill_id="p1")
     with pytest.raises(WorkerLost) as lost:  # decode's transfer failed: blame its sender
         s.absorb(chunk("d1", 0, [], "error", busy))
     assert lost.value.suspects == {"p1"} and not lost.value.dead
@@ -184,14 +180,18 @@ def test_stream_errors_blame_the_right_worker():
     bug = ErrorBody(message="engine bug", type="server_error", code=500)
     with pytest.raises(BackendError, match="engine bug"):  # not retryable: the client is told
         s.absorb(chunk("d1", 0, [], "error", bug))
-    assert s.lost_holder(_WorkerDied("d1")).dead
+    assert s.lost_holder(WorkerDied("d1")).dead
     assert s.timed_out(5.0).suspects == {"p1"}  # no token yet: prefill is the one to blame
 
 
 def test_peer_watch_does_not_count_its_own_outage():
     connected = [True]
     watch = PeerWatch(lambda: connected[0], missed_beats=3)
-    report = WorkerReport("d1", "decode", "tcp://x:1", "m", "f", 4, 8, 8, 0, 0, 0, 64)
+    report = Heartbeat(
+        worker_id="d1", role="decode", zmq_address="tcp://x:1", model="m", fingerprint="f",
+        block_size=4, total_blocks=8, free_blocks=8, running=0, waiting=0,
+        queued_prefill_tokens=0, max_model_len=64,
+    )  # fmt: skip
     assert watch.beat(report, now=0.0) and not watch.beat(report, now=1.0)
     connected[0] = False
     assert watch.expire(now=10.0) == []  # silence while we were cut off proves nothing
@@ -202,20 +202,25 @@ def test_peer_watch_does_not_count_its_own_outage():
 
 def test_decode_fails_transfers_of_a_dead_prefill_and_bounds_admission(checkpoints):
     rt = build_runtime(
-        RuntimeConfig(model=checkpoints(arch="llama"), num_blocks=64, block_size=4, max_num_seqs=2)
+        RuntimeConfig(
+            model=checkpoints(arch="llama"),
+            num_blocks=64,
+            block_size=4,
+            engine=EngineConfig(max_num_seqs=2),
+        )
     )
-    with KVReceiver("127.0.0.1") as receiver:
-        decode = DecodeWorker(rt.engine, receiver, fingerprint=rt.fingerprint)
-        decode.admit("a", [1, 2, 3, 4, 5], SamplingParams(), prefill_id="p1")
-        decode.admit("b", [1, 2, 3], SamplingParams(), prefill_id="p2")
-        with pytest.raises(AdmitError) as busy:  # max_num_seqs requests held
-            decode.admit("c", [1, 2], SamplingParams(), prefill_id="p2")
-        assert busy.value.status == 429
-        assert decode.fail_transfers_from("p1") == 1
-        (failed,) = decode.step()
-        assert isinstance(failed, FailedTransfer) and "p1 died" in failed.error
-        assert decode.abort("b") and not decode.has_work()
-        assert_pool_full(decode.pool)
+    link = Loopback(rt.fingerprint)
+    decode = DecodeWorker(rt.engine, link.receiver, fingerprint=rt.fingerprint)
+    decode.admit("a", [1, 2, 3, 4, 5], SamplingParams(), prefill_id="p1")
+    decode.admit("b", [1, 2, 3], SamplingParams(), prefill_id="p2")
+    with pytest.raises(AdmitError) as busy:  # max_num_seqs requests held
+        decode.admit("c", [1, 2], SamplingParams(), prefill_id="p2")
+    assert busy.value.status == 429
+    assert decode.fail_transfers_from("p1") == 1
+    (failed,) = decode.step()
+    assert isinstance(failed, FailedTransfer) and "p1 died" in failed.error
+    assert decode.abort("b") and not decode.has_work()
+    assert_pool_full(decode.pool)
 
 
 # --- client disconnects --------------------------------------------------------------------
@@ -565,7 +570,7 @@ def make_tls_cert(folder: Path) -> tuple[Path, Path]:
 
 
 async def tls_round_trip(url: str, ca: Path) -> bytes:
-    nc = await connect_nats(NatsConfig([url], tls_ca=str(ca)), "tls-test")
+    nc = await connect_nats(NatsConfig((url,), NatsAuth(tls_ca=ca)), "tls-test")
     try:
         sub = await nc.subscribe("t.echo")
         await nc.publish("t.echo", b"over tls")
@@ -576,7 +581,7 @@ async def tls_round_trip(url: str, ca: Path) -> bytes:
 
 async def refused_without_ca(url: str) -> bool:
     with contextlib.suppress(NatsRefused):
-        await asyncio.wait_for(connect_nats(NatsConfig([url]), "tls-test"), WAIT_S)
+        await asyncio.wait_for(connect_nats(NatsConfig((url,)), "tls-test"), WAIT_S)
         return False
     return True
 

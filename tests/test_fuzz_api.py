@@ -21,13 +21,14 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from disagg.services.gateway import openai as oai
 from disagg.services.gateway.app import create_app
-from disagg.services.gateway.backend import TokenEvent
+from disagg.services.gateway.core import Gateway
 from disagg.services.gateway.metrics import GatewayMetrics
 from disagg.services.gateway.migration import BackendError
 from disagg.services.gateway.nats_api import NatsApi, parse_json
-from disagg.services.gateway.service import Gateway
+from disagg.services.gateway.openai.errors import APIError
+from disagg.services.gateway.openai.request import ParseContext
+from disagg.services.gateway.stream import TokenEvent
 from disagg.shared.model.args import ModelArgs
 from disagg.shared.tokenizer import Tokenizer
 
@@ -54,7 +55,7 @@ class FakeBackend:
 
 def make_gateway(model) -> Gateway:
     tokenizer, args = Tokenizer(model), ModelArgs.from_folder(model)
-    ctx = oai.ParseContext(
+    ctx = ParseContext(
         served_models=(model.name,),
         tokenizer=tokenizer,
         max_model_len=args.max_model_len,
@@ -193,7 +194,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(Heal
 def test_parse_raises_only_openai_errors(gateway, body, kind):
     try:
         req = gateway.parse(kind, body)
-    except oai.APIError as err:
+    except APIError as err:
         assert 400 <= err.status < 500
         assert_openai_error(err.body())
         return
@@ -205,7 +206,7 @@ def test_parse_raises_only_openai_errors(gateway, body, kind):
 def test_nats_api_bytes_parse_or_400(data):
     try:
         parse_json(data)
-    except oai.APIError as err:
+    except APIError as err:
         assert err.status == 400
 
 

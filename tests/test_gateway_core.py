@@ -13,30 +13,30 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.services.gateway.detok import StreamDetokenizer
 from disagg.services.gateway.metrics import GatewayMetrics
-from disagg.services.gateway.openai import (
-    SSE_DONE,
+from disagg.services.gateway.openai.errors import (
     APIError,
-    GenerationRequest,
-    ParseContext,
-    StreamAssembler,
     authentication_failed,
+    gateway_timeout,
+    model_not_found,
+    payload_too_large,
+    queue_full,
+    service_unavailable,
+)
+from disagg.services.gateway.openai.parse import parse_chat, parse_completion
+from disagg.services.gateway.openai.request import GenerationRequest, ParseContext
+from disagg.services.gateway.openai.responses import (
+    SSE_DONE,
+    StreamAssembler,
     chat_chunk,
     chat_response,
     completion_chunk,
     completion_response,
-    gateway_timeout,
-    model_not_found,
     models_response,
-    parse_chat,
-    parse_completion,
-    payload_too_large,
-    queue_full,
-    service_unavailable,
     sse,
     usage,
     usage_chunk,
 )
-from disagg.shared.sampling import SamplingParams
+from disagg.shared.protocol.sampling import SamplingParams
 from disagg.shared.tokenizer import Tokenizer
 
 MAX_MODEL_LEN = 64

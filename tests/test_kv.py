@@ -7,16 +7,14 @@ import random
 import pytest
 import torch
 
-from disagg.shared.kv import (
+from disagg.shared.engine.block_pool import (
     BlockPool,
-    KVCache,
     NoFreeBlocksError,
     hash_block_tokens,
-    kv_bytes_per_block,
-    num_blocks_for_budget,
     prefix_block_hashes,
-    slots_for_positions,
 )
+from disagg.shared.engine.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for_budget
+from disagg.shared.model.batch import slots_for_positions
 
 # --- allocation and free ------------------------------------------------------------------------
 
@@ -115,7 +113,7 @@ def test_committed_block_is_cached_at_refcount_zero() -> None:
     blocks = _held_committed(pool, [11, 22])
     assert pool.lookup_prefix([11, 22]) == blocks  # held blocks are findable too
     pool.free(blocks)
-    assert pool.stats() == {"total": 4, "free": 4, "used": 0, "cached": 2}
+    assert (pool.num_blocks, pool.num_free, pool.num_used, pool.num_cached) == (4, 4, 0, 2)
     assert pool.lookup_prefix([11, 22, 33]) == blocks
     assert pool.refcount(blocks[0]) == 0  # lookup takes no reference
     pool.check_integrity()
@@ -127,7 +125,7 @@ def test_incref_revives_cached_block() -> None:
     pool.free([block])
     pool.incref(pool.lookup_prefix([7]))
     assert pool.refcount(block) == 1
-    assert pool.stats() == {"total": 2, "free": 1, "used": 1, "cached": 0}
+    assert (pool.num_blocks, pool.num_free, pool.num_used, pool.num_cached) == (2, 1, 1, 0)
     (other,) = pool.allocate(1)  # the revived block must not be handed out again
     assert other != block
     assert not pool.can_allocate(1)
@@ -173,7 +171,7 @@ def test_commit_first_writer_wins() -> None:
     pool.commit_full_block(b, 5)
     assert pool.lookup_prefix([5]) == [a] and pool.block_hash(b) is None
     pool.free([b])
-    assert pool.stats()["cached"] == 0  # the loser was never cached
+    assert pool.num_cached == 0  # the loser was never cached
     pool.commit_full_block(a, 5)  # re-committing the same hash is harmless
     with pytest.raises(ValueError, match="already committed"):
         pool.commit_full_block(a, 6)
@@ -332,8 +330,7 @@ def test_kv_cache_shapes_and_properties() -> None:
     assert (cache.num_layers, cache.num_blocks, cache.block_size) == (3, 5, 4)
     assert (cache.kv_heads, cache.head_dim, cache.dtype) == (2, 8, torch.bfloat16)
     assert cache.device == torch.device("cpu")
-    assert cache.bytes_per_block == kv_bytes_per_block(3, 4, 2, 8, torch.bfloat16)
-    assert cache.nbytes == 5 * cache.bytes_per_block
+    assert cache.nbytes == 5 * kv_bytes_per_block(3, 4, 2, 8, torch.bfloat16)
     assert not cache.data.any()
 
 
@@ -341,18 +338,18 @@ def test_kv_cache_views_share_storage() -> None:
     cache = KVCache(2, 3, 4, 2, 8)
     cache.layer(1)[0, 2, 3] = 1.0
     assert cache.data[1, 0, 2, 3].eq(1.0).all()
-    k, v = cache.slot_view(0)
-    assert k.shape == v.shape == (12, 2, 8)
+    k = cache.layer(0)[0].view(-1, 2, 8)  # the slot view the model writes K through
+    assert k.shape == (12, 2, 8)
     k.fill_(2.0)
     assert cache.data[0, 0].eq(2.0).all() and not cache.data[0, 1].any()
     assert not cache.data[1, 0, 0].any()
 
 
-def test_slot_view_writes_land_in_block_and_offset() -> None:
+def test_slot_writes_land_in_block_and_offset() -> None:
     cache = KVCache(2, 4, 4, 1, 2)
     table = [3, 1]
     slots = slots_for_positions(table, 2, 6, 4)
-    k, v = cache.slot_view(1)
+    k, v = (part.view(-1, 1, 2) for part in cache.layer(1))
     values = torch.arange(1, 5, dtype=torch.float32).view(4, 1, 1).expand(4, 1, 2)
     k[slots] = values
     v[slots] = -values
@@ -363,9 +360,10 @@ def test_slot_view_writes_land_in_block_and_offset() -> None:
     assert cache.data[1].count_nonzero() == 16 and not cache.data[0].any()
 
 
-def test_for_budget() -> None:
+def test_cache_for_budget() -> None:
     per_block = kv_bytes_per_block(2, 4, 2, 8, torch.float32)
-    cache = KVCache.for_budget(7 * per_block + 5, 2, 4, 2, 8, torch.float32, "cpu")
+    blocks = num_blocks_for_budget(7 * per_block + 5, 2, 4, 2, 8, torch.float32)
+    cache = KVCache(2, blocks, 4, 2, 8, torch.float32, "cpu")
     assert cache.num_blocks == 7 and cache.nbytes == 7 * per_block
 
 

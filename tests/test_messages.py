@@ -4,43 +4,46 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import MISSING, fields, replace
 
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec import NODEFAULT
+from msgspec.structs import fields, replace
 
-from disagg.shared.messages import (
-    MAX_ID_LEN,
-    MAX_TOKENS,
+from disagg.shared.protocol.codec import (
+    ErrorBody,
+    ErrorReply,
+    Message,
+    decode,
+    decode_reply,
+    encode,
+)
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.messages import (
     AbortReply,
     AbortRequest,
     AdmitReply,
     AdmitRequest,
-    ErrorBody,
-    ErrorReply,
     Heartbeat,
     JobReply,
-    Message,
-    MessageError,
     PlaceReply,
     PlaceRequest,
     PrefillJob,
     StreamChunk,
-    Subjects,
     TransferReport,
+)
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.subjects import Subjects
+from disagg.shared.protocol.types import (
+    MAX_ID_LEN,
+    MAX_TOKENS,
+    MessageError,
     check_id,
-    decode,
-    decode_reply,
-    encode,
     new_request_id,
     new_worker_id,
-    sampling_from_dict,
-    sampling_to_dict,
 )
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import TransferDescriptor
 
 SAMPLING = SamplingParams(
     max_tokens=32, temperature=0.7, top_p=0.9, top_k=50, seed=7, stop_token_ids=(2, 13)
@@ -94,8 +97,14 @@ CHUNK = StreamChunk(
 EXAMPLES: list[Message] = [
     HEARTBEAT,
     replace(HEARTBEAT, role="both", zmq_address="", prefix_hashes=[], draining=True),
-    PlaceRequest(request_id="r1", prompt_len=3, prefix_hashes=[42], exclude=["decode-old"]),
-    PlaceRequest(request_id="r1", prompt_len=3, prefix_hashes=[], exclude=[]),
+    PlaceRequest(
+        request_id="r1",
+        prompt_len=3,
+        prefix_hashes=[42],
+        exclude=["decode-old"],
+        hash_block_size=16,
+    ),
+    PlaceRequest(request_id="r1", prompt_len=3, prefix_hashes=[], exclude=[], hash_block_size=4),
     PlaceReply(request_id="r1", decode_id="decode-abc", prefill_id="prefill-x"),
     PlaceReply(request_id="r1", decode_id="both-abc", prefill_id=None),
     ADMIT,
@@ -141,7 +150,9 @@ def pack(body: object) -> bytes:
 
 
 def required_fields(cls: type[Message]) -> list[str]:
-    return [f.name for f in fields(cls) if f.default is MISSING]
+    return [
+        f.name for f in fields(cls) if f.default is NODEFAULT and f.default_factory is NODEFAULT
+    ]
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
@@ -160,14 +171,14 @@ def test_round_trip_keeps_nested_types() -> None:
     assert chunk.error == ERROR
 
 
-def test_construction_normalizes_and_validates() -> None:
-    assert replace(ADMIT, prompt=(1, 2)).prompt == [1, 2]
-    assert replace(HEARTBEAT, sent_at=5).sent_at == 5.0
+def test_encoding_normalizes_and_validates() -> None:
+    assert decode(AdmitRequest, encode(replace(ADMIT, prompt=(1, 2)))).prompt == [1, 2]
+    assert decode(Heartbeat, encode(replace(HEARTBEAT, sent_at=5))).sent_at == 5.0
     with pytest.raises(MessageError, match="Heartbeat.role"):
-        replace(HEARTBEAT, role="master")
+        encode(replace(HEARTBEAT, role="master"))
     # A sender bug surfaces where it happens, not as a rejection on the receiving worker.
     with pytest.raises(MessageError, match="stop_token_ids"):
-        replace(ADMIT, sampling=SamplingParams(stop_token_ids=(-1,)))
+        encode(replace(ADMIT, sampling=SamplingParams(stop_token_ids=(-1,))))
 
 
 @pytest.mark.parametrize("version", [0, 2, True, 1.0, "1", None])
@@ -202,6 +213,7 @@ def test_fields_with_defaults_may_be_absent() -> None:
     assert decode(StreamChunk, pack(body)).error is None
 
 
+PLACE = PlaceRequest(request_id="r", prompt_len=1, prefix_hashes=[], exclude=[], hash_block_size=1)
 BAD_FIELDS = [
     (HEARTBEAT, "total_blocks", "1000"),  # str for int
     (HEARTBEAT, "running", True),  # bool for int
@@ -230,9 +242,10 @@ BAD_FIELDS = [
     (ADMIT, "wire_dtype", "float64"),
     (ADMIT, "num_generated", -1),
     (ADMIT, "prefill_id", ""),
-    (PlaceRequest("r", 1, [], []), "exclude", ["ok", "bad id"]),
-    (PlaceRequest("r", 1, [], []), "exclude", ["x"] * 1025),  # huge list
-    (JobReply("r", True), "accepted", "yes"),
+    (PLACE, "exclude", ["ok", "bad id"]),
+    (PLACE, "exclude", ["x"] * 1025),  # huge list
+    (PLACE, "hash_block_size", 0),
+    (JobReply(request_id="r", accepted=True), "accepted", "yes"),
     (ERROR, "code", 42),
 ]
 
@@ -264,18 +277,20 @@ BAD_SAMPLING = [
 def test_bad_sampling_rejected(name: str, value: object) -> None:
     body = wire(ADMIT)
     body["sampling"][name] = value
-    with pytest.raises(MessageError, match=f"AdmitRequest.sampling: SamplingParams.*{name}"):
+    with pytest.raises(MessageError, match=f"AdmitRequest.sampling.{name}"):
         decode(AdmitRequest, pack(body))
 
 
-def test_sampling_dict_round_trip_and_defaults() -> None:
-    d = sampling_to_dict(SAMPLING)
+def test_sampling_wire_form_and_defaults() -> None:
+    body = wire(ADMIT)
+    d = body["sampling"]
     assert d["stop_token_ids"] == [2, 13] and d["seed"] == 7
-    assert sampling_from_dict(d) == SAMPLING
-    assert sampling_from_dict({"temperature": 0.5}) == SamplingParams(temperature=0.5)
-    assert sampling_from_dict(d | {"seed": None, "future": 1}).seed is None
+    assert decode(AdmitRequest, pack(body)).sampling == SAMPLING
+    sampled = lambda sampling: decode(AdmitRequest, pack(body | {"sampling": sampling})).sampling
+    assert sampled({"temperature": 0.5}) == SamplingParams(temperature=0.5)
+    assert sampled(d | {"seed": None, "future": 1}).seed is None
     with pytest.raises(MessageError):
-        sampling_from_dict([1, 2])
+        sampled([1, 2])
 
 
 @pytest.mark.parametrize(
@@ -299,7 +314,7 @@ def test_descriptor_with_missing_key_or_not_a_map_rejected() -> None:
 
 def test_long_prompt_rejected_by_length_not_only_by_size() -> None:
     body = wire(ADMIT) | {"prompt": [0] * (MAX_TOKENS + 1)}
-    with pytest.raises(MessageError, match="AdmitRequest.prompt length must be"):
+    with pytest.raises(MessageError, match="AdmitRequest.prompt: Expected `array` of length"):
         decode(AdmitRequest, pack(body), max_bytes=8 << 20)
 
 
@@ -406,7 +421,7 @@ def test_new_ids_are_valid_unique_and_labelled() -> None:
 # --- fuzzing: whatever a peer sends, only MessageError escapes ---
 
 FIELD_NAMES = sorted(
-    {f.name for cls in MESSAGE_TYPES for f in fields(cls)}
+    {f.encode_name for cls in MESSAGE_TYPES for f in fields(cls)}
     | {f.name for f in fields(SamplingParams)}
     | {f.name for f in fields(TransferDescriptor)}
     | {"v"}

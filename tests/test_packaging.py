@@ -8,7 +8,13 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"services": "disagg.services", "shared": "disagg.shared", "kernels": "disagg.kernels"}
+FOLDERS = {
+    "services": "disagg.services",
+    "shared": "disagg.shared",
+    "kernels": "disagg.kernels",
+    "cli": "disagg.cli",
+    "benchmarks": "disagg.benchmarks",
+}
 
 
 def source_packages() -> set[str]:
@@ -48,12 +54,12 @@ def test_wheel_holds_every_subpackage(tmp_path):
             rel = src.relative_to(ROOT / folder).as_posix()
             assert f"{package.replace('.', '/')}/{rel}" in modules, rel
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "disagg = disagg.services.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "disagg = disagg.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_console_script_runs():
     out = subprocess.run(
-        [sys.executable, "-m", "disagg.services.cli", "--help"],
+        [sys.executable, "-m", "disagg.cli.main", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,18 +17,20 @@ from disagg.services.scheduler.placement import (
     PlacementError,
     PlacementPolicy,
     PromptTooLongError,
-    WorkerReport,
-    WorkerTable,
     decode_cost,
     decode_pressure,
+    note_placed,
     place,
     should_hold_prefill,
 )
+from disagg.shared.cluster import WorkerTable
+from disagg.shared.protocol.codec import encode
+from disagg.shared.protocol.messages import Heartbeat
 
 POLICY = PlacementPolicy()
 
 
-def report(worker_id: str, role: str = "decode", **fields) -> WorkerReport:
+def report(worker_id: str, role: str = "decode", **fields) -> Heartbeat:
     base = dict(
         worker_id=worker_id,
         role=role,
@@ -45,17 +48,17 @@ def report(worker_id: str, role: str = "decode", **fields) -> WorkerReport:
         sent_at=0.0,
         draining=False,
     )
-    return WorkerReport(**{**base, **fields})
+    return Heartbeat(**{**base, **fields})
 
 
-def table_of(*reports: WorkerReport, now: float = 0.0) -> WorkerTable:
+def table_of(*reports: Heartbeat, now: float = 0.0) -> WorkerTable:
     table = WorkerTable()
     for r in reports:
         table.update(r, now)
     return table
 
 
-def prefill() -> WorkerReport:
+def prefill() -> Heartbeat:
     return report("p", "prefill")
 
 
@@ -78,7 +81,7 @@ def ids(states) -> list[str]:
 )
 def test_bad_report_raises(fields: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        report(**{"worker_id": "w", **fields})
+        encode(report(**{"worker_id": "w", **fields}))
 
 
 def test_dead_after_three_missed_beats_not_before() -> None:
@@ -122,24 +125,11 @@ def test_role_filtering_both_serves_either_role() -> None:
 def test_draining_is_excluded_from_placement_but_still_tracked() -> None:
     best = report("d0", free_blocks=100)
     table = table_of(
-        dataclasses.replace(best, draining=True), report("d1", free_blocks=10), prefill()
+        msgspec.structs.replace(best, draining=True), report("d1", free_blocks=10), prefill()
     )
     assert ids(table.alive("decode")) == ["d1"]
-    assert table.get("d0") is not None and table.snapshot()["decode"].draining == 1
+    assert table.get("d0") is not None and table.get("d0").report.draining
     assert place(table, PlaceInput(10), POLICY).decode_id == "d1"
-
-
-def test_snapshot_sums_per_role_and_counts_both_in_each() -> None:
-    table = table_of(
-        report("p", "prefill", queued_prefill_tokens=300, total_blocks=10, free_blocks=4),
-        report("d", "decode", running=3, waiting=1, total_blocks=50, free_blocks=20),
-        report("b", "both", running=2, queued_prefill_tokens=50, total_blocks=40, free_blocks=30),
-    )
-    snap = table.snapshot()
-    assert snap["prefill"].workers == 2 and snap["prefill"].queued_prefill_tokens == 350
-    assert snap["decode"].workers == 2 and snap["decode"].running == 5
-    assert (snap["decode"].total_blocks, snap["decode"].free_blocks) == (90, 50)
-    assert snap["decode"].waiting == 1
 
 
 # --- the decode cost model ----------------------------------------------------------------------
@@ -345,7 +335,7 @@ def test_prefill_choice_counts_its_queue_plus_what_it_must_compute() -> None:
     p1 = report("p1", "prefill", prefix_hashes=hashes, queued_prefill_tokens=50)
     table = table_of(report("d"), p1, report("p2", "prefill"))
     assert place(table, PlaceInput(100, hashes), POLICY).prefill_id == "p1"
-    busy = dataclasses.replace(p1, queued_prefill_tokens=97)
+    busy = msgspec.structs.replace(p1, queued_prefill_tokens=97)
     table = table_of(report("d"), busy, report("p2", "prefill"))
     assert place(table, PlaceInput(100, hashes), POLICY).prefill_id == "p2"
     # Hashes made at another block size match nothing.
@@ -472,7 +462,7 @@ def test_a_burst_within_one_heartbeat_spreads_over_decode_workers():
     chosen = []
     for _ in range(6):
         decision = place(table, PlaceInput(prompt_len=10), PlacementPolicy())
-        table.note_placed(decision, 10)
+        note_placed(table, decision, 10)
         chosen.append(decision.decode_id)
     assert chosen.count("d1") == 3 and chosen.count("d2") == 3
     # the next heartbeat replaces the estimate with the worker's own numbers

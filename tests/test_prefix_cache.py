@@ -9,10 +9,11 @@ import torch
 
 from disagg.services.workers.decode import AdmitError, DecodeWorker
 from disagg.services.workers.prefill import PrefillJob, PrefillWorker
-from disagg.services.workers.runtime import RuntimeConfig, build_runtime
-from disagg.shared.engine import RequestError
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import KVReceiver, KVSender, TransferDescriptor
+from disagg.shared.engine.request import RequestError
+from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.transfer.sockets import KVReceiver, KVSender
 from tests.conftest import assert_pool_full, hf_greedy
 from tests.test_engine import make_engine
 
@@ -91,7 +92,7 @@ def test_both_roles_cache_and_disagg_output_is_unchanged(checkpoints):
             out = drive(prefill, decode, f"r{i}")
             assert out == hf_greedy(path, prompt, 6)
         # the second prompt's prefix came from prefill's own cache
-        assert p_rt.pool.stats()["cached"] > 0
+        assert p_rt.pool.num_cached > 0
         assert_pool_full(d_rt.pool)
         assert_pool_full(p_rt.pool)
     finally:
@@ -215,6 +216,6 @@ def test_decode_held_prefix_is_released_on_abort_failure_and_refusal(checkpoints
             decode.admit("c", prefix + tokens(17, 25), params)
         assert decode.abort("x")
         assert_pool_full(rt.pool)
-        assert len(rt.engine.cached_prefix(prefix + [1])) == 4  # still cached
+        assert len(rt.engine.scheduler.cached_prefix(prefix + [1])) == 4  # still cached
     finally:
         receiver.close()

@@ -16,8 +16,10 @@ import httpx
 import nats
 import pytest
 
-from disagg.shared.kv import prefix_block_hashes
-from disagg.shared.messages import Heartbeat, Subjects, decode
+from disagg.shared.engine.block_pool import prefix_block_hashes
+from disagg.shared.protocol.codec import decode
+from disagg.shared.protocol.messages import Heartbeat
+from disagg.shared.protocol.subjects import Subjects
 from tests.cluster import GATEWAY_FLAGS, WAIT_S, Cluster, assert_decode_pools_full, wait_until
 from tests.conftest import hf_greedy
 

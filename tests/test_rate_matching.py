@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import dataclasses
 import random
 import re
 
@@ -15,9 +14,19 @@ import httpx
 import nats
 import pytest
 import torch
+from msgspec.structs import replace
 
+from disagg.cli.procs import NatsServer
 from disagg.services.gateway.metrics import GatewayMetrics
-from disagg.services.procs import NatsServer
+from disagg.services.scheduler.config import SchedulerConfig
+from disagg.services.scheduler.hold import (
+    HOLD_BEHIND,
+    HOLD_NO_CAPACITY,
+    HOLD_WATERMARK,
+    HoldPolicy,
+    HoldRefusedError,
+    PlacementGate,
+)
 from disagg.services.scheduler.placement import (
     NoCapacityError,
     NoWorkerError,
@@ -26,12 +35,6 @@ from disagg.services.scheduler.placement import (
     PlacementPolicy,
 )
 from disagg.services.scheduler.rates import (
-    HOLD_BEHIND,
-    HOLD_NO_CAPACITY,
-    HOLD_WATERMARK,
-    HoldPolicy,
-    HoldRefusedError,
-    PlacementGate,
     QueueTrend,
     RateEstimator,
     is_prefill_bound,
@@ -41,22 +44,14 @@ from disagg.services.scheduler.service import (
     SchedulerService,
     SchedulerStopping,
     _placement_error,
-    add_scheduler_args,
 )
-from disagg.shared.kv import kv_bytes_per_block
-from disagg.shared.messages import (
-    ErrorReply,
-    Heartbeat,
-    MessageError,
-    PlaceReply,
-    PlaceRequest,
-    SchedulerStats,
-    Subjects,
-    decode,
-    decode_reply,
-    encode,
-)
+from disagg.shared.config import add_flags, from_args
+from disagg.shared.engine.kv_cache import kv_bytes_per_block
 from disagg.shared.model.args import ModelArgs
+from disagg.shared.protocol.codec import ErrorReply, decode, decode_reply, encode
+from disagg.shared.protocol.messages import PlaceReply, PlaceRequest, SchedulerStats
+from disagg.shared.protocol.subjects import Subjects
+from disagg.shared.protocol.types import MessageError
 from tests.cluster import GATEWAY_FLAGS, Cluster, assert_decode_pools_full, wait_until
 from tests.test_placement import report, table_of
 
@@ -302,12 +297,12 @@ STATS = SchedulerStats(
 
 def test_scheduler_stats_round_trip_and_validation() -> None:
     assert decode(SchedulerStats, encode(STATS)) == STATS
-    no_ratio = SchedulerStats(**{**vars(STATS), "prefill_decode_ratio": None})
+    no_ratio = replace(STATS, prefill_decode_ratio=None)
     assert decode(SchedulerStats, encode(no_ratio)).prefill_decode_ratio is None
     with pytest.raises(MessageError, match="decode_kv_usage"):
-        SchedulerStats(**{**vars(STATS), "decode_kv_usage": 1.5})
+        encode(replace(STATS, decode_kv_usage=1.5))
     with pytest.raises(MessageError, match="scheduler_id"):
-        SchedulerStats(**{**vars(STATS), "scheduler_id": "a.b"})
+        encode(replace(STATS, scheduler_id="a.b"))
     assert Subjects("x").scheduler_stats == "x.sched.stats"
 
 
@@ -320,9 +315,9 @@ def sample(text: str, name: str, **labels) -> float | None:
 def test_gateway_metrics_add_schedulers_and_survive_lost_stats_and_restarts() -> None:
     metrics = GatewayMetrics()
     metrics.observe_scheduler_stats(STATS, now=0.0)
-    b = SchedulerStats(**{**vars(STATS), "scheduler_id": "sched-b", "prefill_decode_ratio": None})
+    b = replace(STATS, scheduler_id="sched-b", prefill_decode_ratio=None)
     metrics.observe_scheduler_stats(b, now=0.0)
-    later = SchedulerStats(**{**vars(STATS), "holds": 9, "hold_seconds": 5.0, "held": 0})
+    later = replace(STATS, holds=9, hold_seconds=5.0, held=0)
     metrics.observe_scheduler_stats(later, now=3.0)  # the stats of 1 s and 2 s were lost
     text = metrics.render()[0].decode()
     assert sample(text, "disagg:scheduler_holds_total", scheduler="sched-a") == 9
@@ -335,7 +330,7 @@ def test_gateway_metrics_add_schedulers_and_survive_lost_stats_and_restarts() ->
     assert sample(text, "disagg:prefill_bound", scheduler="sched-a") == 0
     assert sample(text, "disagg:recommended_prefill_decode_ratio", scheduler="sched-a") == 1.5
     assert sample(text, "disagg:recommended_prefill_decode_ratio", scheduler="sched-b") is None
-    restarted = SchedulerStats(**{**vars(STATS), "holds": 2, "hold_seconds": 1.0})
+    restarted = replace(STATS, holds=2, hold_seconds=1.0)
     metrics.observe_scheduler_stats(restarted, now=4.0)  # same id, counts began again
     text = metrics.render()[0].decode()
     assert sample(text, "disagg:scheduler_holds_total", scheduler="sched-a") == 11
@@ -357,9 +352,10 @@ def test_scheduler_holds_over_nats_releases_on_a_heartbeat_and_answers_503_on_st
 
 async def _hold_and_release(url: str) -> None:
     parser = argparse.ArgumentParser()
-    add_scheduler_args(parser)
+    add_flags(parser, SchedulerConfig)
     flags = ["--nats", url, "--id", "sched-t", "--placement-grace-s", "0", "--max-hold-s", "30"]
-    scheduler, stop = SchedulerService(parser.parse_args(flags)), asyncio.Event()
+    cfg = from_args(SchedulerConfig, parser.parse_args(flags))
+    scheduler, stop = SchedulerService(cfg), asyncio.Event()
     subjects, nc = Subjects(), await nats.connect(url)
     stats: asyncio.Queue[SchedulerStats] = asyncio.Queue()
 
@@ -367,8 +363,7 @@ async def _hold_and_release(url: str) -> None:
         stats.put_nowait(decode(SchedulerStats, msg.data))
 
     async def beat(free: int) -> None:
-        for r in (decode_with(free), report("p", "prefill")):
-            hb = Heartbeat(**{f.name: getattr(r, f.name) for f in dataclasses.fields(r)})
+        for hb in (decode_with(free), report("p", "prefill")):
             await nc.publish(subjects.heartbeat, encode(hb))
 
     async def next_stats(check) -> SchedulerStats:
@@ -377,7 +372,9 @@ async def _hold_and_release(url: str) -> None:
         return s
 
     def place(request_id: str):
-        body = PlaceRequest(request_id=request_id, prompt_len=63, prefix_hashes=[], exclude=[])
+        body = PlaceRequest(
+            request_id=request_id, prompt_len=63, prefix_hashes=[], exclude=[], hash_block_size=16
+        )
         return nc.request(subjects.place, encode(body), timeout=20)
 
     await nc.subscribe(subjects.scheduler_stats, cb=on_stats)

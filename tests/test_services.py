@@ -19,7 +19,7 @@ import nats
 import openai
 import pytest
 
-from disagg.services.procs import Child, NatsServer, disagg_command, free_port
+from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
 from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.slow

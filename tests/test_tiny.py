@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from disagg.shared.tiny import (
+from disagg.cli.tiny import (
     ARCH_CLASSES,
     ARCHS,
     TOKENIZER_VOCAB_SIZE,
@@ -273,7 +273,7 @@ def test_files_are_deterministic_per_seed(tmp_path):
 
 
 def test_tokenizer_training_is_the_same_in_another_process():
-    code = "from disagg.shared.tiny import build_tokenizer; print(build_tokenizer().to_str())"
+    code = "from disagg.cli.tiny import build_tokenizer; print(build_tokenizer().to_str())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == build_tokenizer().to_str()
 

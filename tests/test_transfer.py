@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import msgpack
+import msgspec
 import pytest
 import torch
 import zmq
@@ -14,21 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from disagg.kernels.kv_pack import pack_kv
-from disagg.shared.transfer import (
+from disagg.shared.protocol.descriptor import TransferDescriptor, model_fingerprint
+from disagg.shared.protocol.kv_wire import (
     DoneHeader,
     FrameError,
-    KVReceiver,
-    KVSender,
     LayerHeader,
-    ReceiverCore,
-    TransferDescriptor,
     TransferError,
-    TransferResult,
     check_payloads,
-    model_fingerprint,
     parse_header,
-    unpack_header_map,
 )
+from disagg.shared.transfer.receiver import ReceiverCore, TransferResult
+from disagg.shared.transfer.sockets import KVReceiver, KVSender
 
 FP = "0123456789abcdef"
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 16, 4, 2, 8
@@ -155,7 +152,11 @@ def layer_message(desc, src, layer: int = 0, **overrides) -> list[bytes]:
 
 
 def done_message(desc, first_token: int = 1, fingerprint: str = FP) -> list[bytes]:
-    return [DoneHeader(desc.transfer_id, desc.token, first_token, fingerprint).encode()]
+    header = DoneHeader(
+        transfer_id=desc.transfer_id, token=desc.token, first_token=first_token,
+        fingerprint=fingerprint,
+    )  # fmt: skip
+    return [header.encode()]
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_chunked_layers_land_exact(receiver):
         desc = make_desc(receiver.address)
         receiver.expect(desc, dst)
         handle = tx.begin(desc, SRC_IDS, src)
-        assert handle.chunks_per_layer == 3  # 5 blocks in chunks of 2, 2, 1
+        assert len(handle.chunks) == 3  # 5 blocks in chunks of 2, 2, 1
         for layer in range(LAYERS):
             handle.send_layer(layer)
         handle.finish(3)
@@ -232,7 +233,7 @@ def test_int8_wire_error_within_half_a_scale_and_quarter_bytes(receiver, chunk_b
     int8_block_bytes = 2 * BLOCK_SIZE * HEADS * HEAD_DIM
     with KVSender(FP, max_chunk_bytes=chunk_blocks * int8_block_bytes) as tx:
         stats = run_transfer(tx, desc, src)
-        assert tx.begin(desc, SRC_IDS, src).chunks_per_layer == (3 if chunk_blocks == 2 else 1)
+        assert len(tx.begin(desc, SRC_IDS, src).chunks) == (3 if chunk_blocks == 2 else 1)
     assert wait_result(receiver, desc.transfer_id).ok
     for layer in range(LAYERS):
         _, scales = pack_kv(src[layer], torch.tensor(SRC_IDS), quantize=True)
@@ -521,8 +522,10 @@ def _header_values() -> st.SearchStrategy:
 
 
 _FUZZ_DESC = TransferDescriptor(
-    "TID", "TOK", "tcp://127.0.0.1:1", (1, 2), BLOCK_SIZE, LAYERS, "float32", FP, 5
-)
+    transfer_id="TID", token="TOK", address="tcp://127.0.0.1:1", block_ids=(1, 2),
+    block_size=BLOCK_SIZE, num_layers=LAYERS, wire_dtype="float32", model_fingerprint=FP,
+    deadline_s=5,
+)  # fmt: skip
 _FUZZ_BYTES = 2 * 2 * BLOCK_SIZE * HEADS * HEAD_DIM * 4  # two float32 blocks
 _FUZZ_VALID = {
     "v": 1, "tid": "TID", "tok": "TOK", "kind": "layer", "layer": 0, "chunk": 0, "nchunks": 1,
@@ -557,7 +560,7 @@ def multipart_messages(draw) -> list[bytes | bytearray]:
 @given(multipart_messages())
 def test_parser_raises_only_frame_error(parts):
     try:
-        header = parse_header(unpack_header_map(parts[0]))
+        header = parse_header(parts[0])
         check_payloads(header, [memoryview(p) for p in parts[1:]])
     except FrameError as err:
         assert err.reason
@@ -585,23 +588,26 @@ def test_core_never_raises_and_counts_every_rejection(parts):
 
 def test_descriptor_round_trips_through_msgpack_and_json():
     desc = make_desc(wire_dtype="int8")
-    assert TransferDescriptor.from_dict(msgpack.unpackb(msgpack.packb(desc.to_dict()))) == desc
-    assert TransferDescriptor.from_dict(json.loads(json.dumps(desc.to_dict()))) == desc
+    packed = msgpack.packb(msgspec.to_builtins(desc))
+    assert msgspec.msgpack.decode(packed, type=TransferDescriptor) == desc
+    assert (
+        msgspec.json.decode(json.dumps(msgspec.to_builtins(desc)), type=TransferDescriptor) == desc
+    )
     assert len(desc.token) == 32 and desc.token != make_desc().token
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d.pop("token"), "missing \\['token'\\]"),
-        (lambda d: d.update(extra=1), "unexpected \\[\"'extra'\"\\]"),
+        (lambda d: d.pop("token"), "missing required field `token`"),
+        (lambda d: d.update(extra=1), "unknown field `extra`"),
         (lambda d: d.update(wire_dtype="fp8"), "wire_dtype"),
         (lambda d: d.update(wire_dtype=["int8"]), "wire_dtype"),
-        (lambda d: d.update(block_ids=[1, -1]), "block id"),
+        (lambda d: d.update(block_ids=[1, -1]), "block_ids\\[1\\]"),
         (lambda d: d.update(block_ids=[]), "block_ids"),
         (lambda d: d.update(block_ids="12"), "block_ids"),
         (lambda d: d.update(num_layers=True), "num_layers"),
-        (lambda d: d.pop("block_size"), "missing \\['block_size'\\]"),
+        (lambda d: d.pop("block_size"), "missing required field `block_size`"),
         (lambda d: d.update(block_size=0), "block_size"),
         (lambda d: d.update(block_size=4.0), "block_size"),
         (lambda d: d.update(deadline_s=0), "deadline_s"),
@@ -612,15 +618,15 @@ def test_descriptor_round_trips_through_msgpack_and_json():
     ],
 )
 def test_descriptor_validation_errors_are_readable(change, message):
-    data = make_desc().to_dict()
+    data = msgspec.to_builtins(make_desc())
     change(data)
     with pytest.raises(ValueError, match=message):
-        TransferDescriptor.from_dict(data)
+        msgspec.convert(data, TransferDescriptor)
 
 
 def test_descriptor_from_non_map_rejected():
-    with pytest.raises(ValueError, match="must be a map"):
-        TransferDescriptor.from_dict([1, 2])
+    with pytest.raises(ValueError, match="Expected `object`, got `array`"):
+        msgspec.convert([1, 2], TransferDescriptor)
 
 
 def test_model_fingerprint_tracks_architecture_and_shapes():

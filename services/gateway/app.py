@@ -18,17 +18,25 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from disagg.services.common import Interrupted, unless
-from disagg.services.gateway import openai as oai
 from disagg.services.gateway import schema
 from disagg.services.gateway.metrics import GatewayMetrics
+from disagg.services.gateway.openai.errors import (
+    APIError,
+    authentication_failed,
+    invalid_request,
+    payload_too_large,
+    service_unavailable,
+)
+from disagg.services.gateway.openai.request import GenerationRequest
+from disagg.services.gateway.openai.responses import SSE_DONE, sse
+from disagg.shared.service import Interrupted, unless
 
 T = TypeVar("T")
 OPEN_PATHS = frozenset({"/health"})  # reachable without an API key
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (never sent)
 
 
-def error_response(err: oai.APIError) -> JSONResponse:
+def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -36,16 +44,16 @@ async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON, refusing anything over `limit` bytes before reading it all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise oai.payload_too_large(limit)
+        raise payload_too_large(limit)
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise oai.payload_too_large(limit)
+            raise payload_too_large(limit)
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise oai.invalid_request(f"the body is not valid JSON: {err}") from None
+        raise invalid_request(f"the body is not valid JSON: {err}") from None
 
 
 class ApiKeyAuth:
@@ -60,7 +68,7 @@ class ApiKeyAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        await error_response(oai.authentication_failed())(scope, receive, send)
+        await error_response(authentication_failed())(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
@@ -97,14 +105,14 @@ def create_app(
 
 
 def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(oai.APIError)
-    async def _api_error(_: Request, err: oai.APIError) -> JSONResponse:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
         return error_response(err)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        body = oai.APIError(err.status_code, str(err.detail), kind).body()
+        body = APIError(err.status_code, str(err.detail), kind).body()
         return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
 
@@ -137,7 +145,7 @@ def _generation_routes(app: FastAPI, gateway, max_body_bytes: int) -> None:
         return await generate(request, "chat")
 
 
-async def _respond(request: Request, gateway, req: oai.GenerationRequest, slot) -> Response:
+async def _respond(request: Request, gateway, req: GenerationRequest, slot) -> Response:
     if not req.stream:
         return JSONResponse(await until_disconnected(request, gateway.complete(req, slot)))
     chunks = gateway.chunks(req, slot)
@@ -157,10 +165,10 @@ def _info_routes(app: FastAPI, gateway, metrics: GatewayMetrics) -> None:
     @app.get("/health", responses=schema.error_responses("503"))
     async def health() -> Response:
         if gateway.draining:
-            return error_response(oai.service_unavailable("the gateway is shutting down"))
+            return error_response(service_unavailable("the gateway is shutting down"))
         if gateway.backend.can_serve():
             return JSONResponse({"status": "ok"})
-        return error_response(oai.service_unavailable("no worker can serve a request right now"))
+        return error_response(service_unavailable("no worker can serve a request right now"))
 
     @app.get(
         "/metrics",
@@ -190,11 +198,11 @@ def _install_openapi(app: FastAPI) -> None:
 async def _sse(first: dict | None, rest: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     try:
         if first is not None:
-            yield oai.sse(first)
+            yield sse(first)
         async for chunk in rest:
-            yield oai.sse(chunk)
-    except oai.APIError as err:  # after the headers: the error travels as a chunk
-        yield oai.sse(err.body())
+            yield sse(chunk)
+    except APIError as err:  # after the headers: the error travels as a chunk
+        yield sse(err.body())
     finally:
         await rest.aclose()
-    yield oai.SSE_DONE
+    yield SSE_DONE

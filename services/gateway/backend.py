@@ -22,49 +22,40 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from disagg.services.common import Interrupted, PeerWatch, unless
-from disagg.services.gateway.migration import (
-    RETRYABLE_STATUS,
-    BackendError,
-    Progress,
-    WorkerLost,
-    retryable,
-)
-from disagg.services.scheduler.placement import WorkerReport, WorkerState
-from disagg.shared.kv import prefix_block_hashes
+from disagg.services.gateway.migration import BackendError, Progress, WorkerLost, retryable
+from disagg.services.gateway.stream import AttemptStream, Resync, TokenEvent, WorkerDied
+from disagg.shared.cluster import PeerWatch, WorkerState
+from disagg.shared.config import option
+from disagg.shared.engine.block_pool import prefix_block_hashes
 from disagg.shared.log import get_logger
-from disagg.shared.messages import (
+from disagg.shared.protocol.codec import ErrorReply, Message, decode, decode_reply, encode
+from disagg.shared.protocol.messages import (
     AbortRequest,
     AdmitReply,
     AdmitRequest,
-    ErrorReply,
     Heartbeat,
     JobReply,
-    Message,
-    MessageError,
     PlaceReply,
     PlaceRequest,
     PrefillJob,
     StreamChunk,
-    Subjects,
     TransferReport,
-    decode,
-    decode_reply,
-    encode,
 )
-from disagg.shared.sampling import SamplingParams
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.subjects import Subjects
+from disagg.shared.protocol.types import DEFAULT_BLOCK_SIZE, MessageError, Role
+from disagg.shared.service import Interrupted, unless
 
 __all__ = ["Backend", "BackendError", "Timeouts", "TokenEvent"]
 
 log = get_logger("disagg.gateway")
 WATCH_PERIOD_S = 0.25
 ABORT_TIMEOUT_S = 2.0
-STREAM_QUEUE = 4096  # chunks buffered per request; beyond, the client is too slow: it fails
 
 
 @dataclass(frozen=True)
@@ -73,115 +64,23 @@ class Timeouts:
 
     # Above the scheduler's --max-hold-s (20 s): a placement held for decode room gets the
     # scheduler's answer (placed, or 429 after the hold), not a 504 from giving up first.
-    place_s: float = 30.0
-    admit_s: float = 10.0
-    job_s: float = 10.0  # the prefill worker accepting the job ("prefill start")
-    first_token_s: float = 120.0
-    inter_token_s: float = 60.0
-    resync_s: float = 5.0  # after a NATS reconnection, silence this long means lost chunks
+    place_s: float = option(
+        30.0, help="placement; keep it above the schedulers' --max-hold-s",
+        flag="--place-timeout-s",
+    )  # fmt: skip
+    admit_s: float = option(10.0, help="decode worker reserving blocks", flag="--admit-timeout-s")
+    job_s: float = option(10.0, help="prefill worker accepting a job", flag="--job-timeout-s")
+    first_token_s: float = option(120.0, help="first token", flag="--first-token-timeout-s")
+    inter_token_s: float = option(60.0, help="gap between tokens", flag="--inter-token-timeout-s")
+    resync_s: float = option(
+        5.0, help="stream silence after a NATS reconnection that means chunks were lost",
+        flag="--resync-timeout-s",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if not getattr(self, f.name) > 0:
-                raise ValueError(f"timeout {f.name} must be positive, got {getattr(self, f.name)}")
-
-
-@dataclass
-class TokenEvent:
-    """New tokens in order; `finish_reason` set on the last event."""
-
-    token_ids: list[int]
-    finish_reason: str | None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class _WorkerDied:
-    worker_id: str
-
-
-class _Resync:
-    """This gateway reconnected to NATS: chunks of the outage may be lost."""
-
-
-@dataclass
-class _Stream:
-    """One attempt: who holds it, and its chunks reordered by token index."""
-
-    holders: list[str] = field(default_factory=list)  # every worker that may hold state
-    decode_id: str | None = None
-    prefill_id: str | None = None
-    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=STREAM_QUEUE))
-    overflowed: bool = False
-    decoding: bool = False  # the decode worker has sent its first chunk
-    decode_next: int = 0  # index the decode worker's next chunk must start at
-    tokens: dict[int, int] = field(default_factory=dict)
-    next_index: int = 0
-    final_len: int | None = None
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-
-    def push(self, item: StreamChunk | _WorkerDied | _Resync) -> None:
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.overflowed = True
-
-    def absorb(self, chunk: StreamChunk) -> TokenEvent:
-        """The tokens `chunk` makes ready; WorkerLost / BackendError for a failed attempt."""
-        if chunk.error is not None:
-            raise self._chunk_error(chunk)
-        if chunk.worker_id == self.decode_id:
-            self._check_contiguous(chunk)
-        for i, token in enumerate(chunk.token_ids):
-            if chunk.index + i >= self.next_index:
-                self.tokens[chunk.index + i] = token
-        if chunk.finish_reason is not None:
-            self.final_len = chunk.index + len(chunk.token_ids)
-            self.finish_reason = chunk.finish_reason
-        self.num_prompt_tokens = max(self.num_prompt_tokens, chunk.num_prompt_tokens)
-        # Prefill reports its own cache hits, decode the prefix it did not need shipped.
-        self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
-        ready = []
-        while self.next_index in self.tokens:
-            ready.append(self.tokens.pop(self.next_index))
-            self.next_index += 1
-        done = self.final_len is not None and self.next_index >= self.final_len
-        reason = self.finish_reason if done else None
-        return TokenEvent(ready, reason, self.num_prompt_tokens, self.num_cached_tokens)
-
-    def _check_contiguous(self, chunk: StreamChunk) -> None:
-        # One publisher's messages arrive in order: a skipped index means lost chunks.
-        if chunk.index != self.decode_next:
-            lost = chunk.index - self.decode_next
-            raise WorkerLost(f"{lost} tokens of the stream from {chunk.worker_id} were lost")
-        self.decoding = True
-        self.decode_next = chunk.index + len(chunk.token_ids)
-
-    def _chunk_error(self, chunk: StreamChunk) -> WorkerLost | BackendError:
-        err = BackendError(chunk.error.code, chunk.error.message, chunk.error.type)
-        if err.status not in RETRYABLE_STATUS:
-            return err
-        # Decode reporting a failed transfer blames its sender (dead, slow or broken); any other
-        # report blames its reporter.
-        transfer = chunk.worker_id == self.decode_id and not self.decoding
-        suspect = self.prefill_id if transfer else chunk.worker_id
-        return WorkerLost(f"{chunk.worker_id}: {err.message}", [suspect])
-
-    def lost_holder(self, dead: _WorkerDied) -> WorkerLost | None:
-        """WorkerLost when a worker this attempt depends on died; None when it no longer does."""
-        depends = dead.worker_id == self.decode_id or (
-            dead.worker_id == self.prefill_id and not self.decoding
-        )
-        if not depends:
-            return None
-        return WorkerLost(f"worker {dead.worker_id} died", [dead.worker_id], dead=True)
-
-    def timed_out(self, timeout: float) -> WorkerLost:
-        suspect = self.decode_id if self.decoding or not self.prefill_id else self.prefill_id
-        return WorkerLost(f"no token for {timeout:g} s", [suspect])
+                raise ValueError(f"{f.metadata['option']['flag']} must be positive")
 
 
 class Backend:
@@ -197,18 +96,18 @@ class Backend:
         timeouts: Timeouts = Timeouts(),
         migration_limit: int = 3,
         missed_heartbeats: int = 3,
-        default_block_size: int = 16,
+        default_block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         if migration_limit < 0:
             raise ValueError(f"--migration-limit must be >= 0, got {migration_limit}")
         self.nc, self.subjects, self.gateway_id = nc, subjects, gateway_id
         self.timeouts, self.migration_limit = timeouts, migration_limit
         self.peers = PeerWatch(lambda: nc.is_connected, missed_heartbeats)
-        self._streams: dict[str, _Stream] = {}  # attempt id -> stream
+        self._streams: dict[str, AttemptStream] = {}  # attempt id -> stream
         self._deaths: dict[str, asyncio.Event] = {}  # worker id -> set when declared dead
         self._default_block_size = default_block_size
         self._tasks: asyncio.TaskGroup | None = None
-        self.on_heartbeat: Callable[[WorkerReport], None] | None = None
+        self.on_heartbeat: Callable[[Heartbeat], None] | None = None
         self.on_transfer: Callable[[TransferReport], None] | None = None
         self.on_worker_dead: Callable[[str], None] | None = None
         self.on_migration: Callable[[str], None] | None = None
@@ -229,7 +128,7 @@ class Backend:
 
     def expire(self) -> list[str]:
         """Declare silent workers dead and tell the attempts that depend on them."""
-        dead = self.peers.expire()
+        dead = self.peers.expire(time.monotonic())
         for worker_id in dead:
             log.warning("worker_dead", worker_id=worker_id, silent_s=self.peers.table.timeout_s)
             if self.on_worker_dead is not None:
@@ -238,13 +137,13 @@ class Backend:
                 death.set()
             for stream in self._streams.values():
                 if worker_id in (stream.decode_id, stream.prefill_id):
-                    stream.push(_WorkerDied(worker_id))
+                    stream.push(WorkerDied(worker_id))
         return dead
 
     async def resync(self) -> None:
         """After a NATS reconnection: chunks published meanwhile may be lost."""
         for stream in self._streams.values():
-            stream.push(_Resync())
+            stream.push(Resync())
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -269,12 +168,11 @@ class Backend:
 
     async def _on_heartbeat(self, msg) -> None:
         try:
-            hb = decode(Heartbeat, msg.data)
-            report = WorkerReport(**{f.name: getattr(hb, f.name) for f in fields(WorkerReport)})
-        except ValueError as err:
+            report = decode(Heartbeat, msg.data)
+        except MessageError as err:
             log.warning("bad_heartbeat", error=str(err))
             return
-        if self.peers.beat(report):
+        if self.peers.beat(report, time.monotonic()):
             log.info("worker_joined", worker_id=report.worker_id, role=report.role)
         if self.on_heartbeat is not None:
             self.on_heartbeat(report)
@@ -282,7 +180,7 @@ class Backend:
     def _hash_block_size(self) -> int:
         """The block size most decode workers use (their prefix caches are what placement
         matches the prompt's hashes against); the default before any heartbeat."""
-        sizes = Counter(w.report.block_size for w in self.peers.table.alive("decode"))
+        sizes = Counter(w.report.block_size for w in self.peers.table.alive(Role.DECODE))
         return sizes.most_common(1)[0][0] if sizes else self._default_block_size
 
     def alive_workers(self) -> list[WorkerState]:
@@ -328,7 +226,7 @@ class Backend:
     async def _attempt(self, progress: Progress) -> AsyncIterator[TokenEvent]:
         """One attempt on one pair; ends after the finish, or raises."""
         attempt_id, started = progress.attempt_id, time.monotonic()
-        stream = self._streams[attempt_id] = _Stream()
+        stream = self._streams[attempt_id] = AttemptStream()
         finished = False
         try:
             await self._start(attempt_id, progress, stream)
@@ -346,7 +244,7 @@ class Backend:
             if not finished:
                 self._abort_later(attempt_id, stream.holders)
 
-    async def _next_chunk(self, stream: _Stream, timeout: float) -> StreamChunk:
+    async def _next_chunk(self, stream: AttemptStream, timeout: float) -> StreamChunk:
         """The next chunk within `timeout`; raises WorkerLost for a dead holder, a timeout, a
         lost stream end, and BackendError when the client reads too slowly."""
         deadline = time.monotonic() + timeout
@@ -359,12 +257,12 @@ class Backend:
                 raise stream.timed_out(timeout) from None
             if isinstance(item, StreamChunk):
                 return item
-            if isinstance(item, _WorkerDied) and (lost := stream.lost_holder(item)) is not None:
+            if isinstance(item, WorkerDied) and (lost := stream.lost_holder(item)) is not None:
                 raise lost
-            if isinstance(item, _Resync) and stream.decoding:
+            if isinstance(item, Resync) and stream.decoding:
                 deadline = min(deadline, time.monotonic() + self.timeouts.resync_s)
 
-    async def _start(self, attempt_id: str, progress: Progress, stream: _Stream) -> None:
+    async def _start(self, attempt_id: str, progress: Progress, stream: AttemptStream) -> None:
         """Place, admit on decode, hand the prompt to prefill."""
         prompt, params = progress.attempt_prompt(), progress.attempt_params()
         placed = await self._place(attempt_id, prompt, progress)

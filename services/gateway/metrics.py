@@ -18,7 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from disagg.shared.messages import SchedulerStats
+from disagg.shared.protocol.messages import SchedulerStats
 
 # Seconds; CPU serving spans milliseconds (a decode step) to tens of seconds (a long prefill).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)

@@ -17,10 +17,10 @@ abandoned attempt can never touch the next one.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from disagg.shared.messages import MAX_ID_LEN
-from disagg.shared.sampling import SamplingParams
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.types import MAX_ID_LEN
 
 # Worker replies that mean "not here, not now": the request may go elsewhere.
 RETRYABLE_STATUS = frozenset({429, 503, 504})
@@ -96,7 +96,7 @@ class Progress:
         A seeded sampled request restarts its generator here: only greedy output is the same
         as an uninterrupted run.
         """
-        return replace(self.params, max_tokens=self.remaining_tokens)
+        return self.params.replace(max_tokens=self.remaining_tokens)
 
     def move(self, lost: WorkerLost, limit: int) -> None:
         """Count one move away from `lost.suspects`; BackendError (503) once past `limit`."""

@@ -23,18 +23,19 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from disagg.services.common import publish
-from disagg.services.gateway import openai as oai
+from disagg.services.gateway.openai.errors import APIError, internal_error, invalid_request
+from disagg.services.gateway.openai.request import GenerationRequest
 from disagg.shared.log import get_logger
-from disagg.shared.messages import Subjects
+from disagg.shared.protocol.subjects import Subjects
+from disagg.shared.service import publish
 
 log = get_logger("disagg.gateway")
 DONE = b'{"done": true}'
 
 
-def aborted() -> oai.APIError:
+def aborted() -> APIError:
     """The error a client that aborted its NATS request receives last."""
-    return oai.APIError(499, "The request was aborted by the client.", "aborted_error", None,
+    return APIError(499, "The request was aborted by the client.", "aborted_error", None,
                         "aborted")  # fmt: skip
 
 
@@ -42,7 +43,7 @@ def parse_json(data: bytes) -> Any:
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise oai.invalid_request(f"the body is not valid JSON: {err}") from None
+        raise invalid_request(f"the body is not valid JSON: {err}") from None
 
 
 def encode_json(body: Any) -> bytes:
@@ -97,7 +98,7 @@ class NatsApi:
         try:
             req = self.gateway.parse(kind, parse_json(msg.data))
             slot = self.gateway.admit()
-        except oai.APIError as err:
+        except APIError as err:
             await self._send(inbox, err.body(), done=_wants_stream(msg.data))
             return
         task = self._tasks.create_task(self._run(inbox, req, slot))
@@ -110,7 +111,7 @@ class NatsApi:
         self._inbox_of.pop(request_id, None)
         self._aborted.discard(inbox)
 
-    async def _run(self, inbox: str, req: oai.GenerationRequest, slot) -> None:
+    async def _run(self, inbox: str, req: GenerationRequest, slot) -> None:
         try:
             if req.stream:
                 async for chunk in self.gateway.chunks(req, slot):
@@ -118,7 +119,7 @@ class NatsApi:
                 await self._send(inbox, None, done=True)
             else:
                 await self._send(inbox, await self.gateway.complete(req, slot))
-        except oai.APIError as err:
+        except APIError as err:
             await self._send(inbox, err.body(), done=req.stream)
         except asyncio.CancelledError:
             if inbox not in self._aborted:
@@ -127,7 +128,7 @@ class NatsApi:
             await self._send(inbox, aborted().body(), done=req.stream)
         except Exception:  # a bug here must not take the other requests down with it
             log.exception("nats_request_failed", request_id=req.request_id)
-            await self._send(inbox, oai.internal_error().body(), done=req.stream)
+            await self._send(inbox, internal_error().body(), done=req.stream)
 
     async def _on_abort(self, msg) -> None:
         try:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from disagg.services.gateway import openai as oai
+from disagg.services.gateway.openai.request import ROLES, SEED_MAX, SEED_MIN
 
 NonNegativeTemp = Annotated[float, Field(ge=0.0, le=2.0)]
 StopString = Annotated[str, Field(min_length=1)]
@@ -33,7 +33,7 @@ class _Common(_Body):
     temperature: NonNegativeTemp | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
-    seed: Annotated[int, Field(ge=oai.SEED_MIN, le=oai.SEED_MAX)] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
@@ -65,7 +65,7 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal[oai.ROLES]
+    role: Literal[ROLES]
     content: str | list[TextPart] | None = None  # None only for an assistant turn
     name: str | None = None
 

@@ -1,207 +1,22 @@
-"""The scheduler's pure core: a table of workers built from heartbeats, and placement.
+"""The scheduler's pure core: placement of a request on the workers of a ``WorkerTable``.
 
-No sockets, no asyncio, no clock: every function that depends on time takes ``now`` (seconds, any
-monotonic-enough origin) so the shell decides what time it is and tests stay deterministic.
-
-The shell's loop is: ``table.update(report, now)`` on each heartbeat, ``table.expire(now)``
-before each placement (and on a timer), then ``place(table, PlaceInput(...), policy)``.
+No sockets, no asyncio, no clock. The shell's loop is: ``table.update(heartbeat, now)`` on each
+heartbeat, ``table.expire(now)`` before each placement (and on a timer), then
+``place(table, PlaceInput(...), policy)`` and ``note_placed`` for what it decided.
 ``NoWorkerError`` maps to HTTP 503, ``NoCapacityError`` to 429 with ``Retry-After``,
 ``PromptTooLongError`` to 400.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-ROLES = ("prefill", "decode", "both")
-PLACEMENT_ROLES = ("prefill", "decode")
+import msgspec
 
-
-@dataclass(frozen=True)
-class WorkerReport:
-    """One heartbeat, field for field the ``Heartbeat`` message, kept separate so this core
-    does not depend on the wire format."""
-
-    worker_id: str
-    role: str
-    zmq_address: str
-    model: str
-    fingerprint: str
-    block_size: int
-    total_blocks: int
-    free_blocks: int
-    running: int
-    waiting: int
-    queued_prefill_tokens: int
-    max_model_len: int
-    prefix_hashes: list[int] = field(default_factory=list)
-    sent_at: float = 0.0
-    draining: bool = False
-    prefill_tokens: int = 0  # cumulative: prompt tokens computed
-    sampled_tokens: int = 0  # cumulative: tokens sampled
-    busy_s: float = 0.0  # cumulative: seconds spent in compute steps
-
-    def __post_init__(self) -> None:
-        if not self.worker_id:
-            raise ValueError("worker_id must not be empty")
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if not 0 <= self.free_blocks <= self.total_blocks:
-            raise ValueError(
-                f"need 0 <= free_blocks <= total_blocks, got {self.free_blocks}/{self.total_blocks}"
-            )
-        for name in ("running", "waiting", "queued_prefill_tokens", "max_model_len"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class WorkerState:
-    """The latest report of one worker and when it arrived (the table's clock, not ``sent_at``)."""
-
-    report: WorkerReport
-    last_seen: float
-    prefix_set: frozenset[int]
-
-    @property
-    def worker_id(self) -> str:
-        return self.report.worker_id
-
-    @property
-    def can_prefill(self) -> bool:
-        return self.report.role in ("prefill", "both")
-
-    @property
-    def can_decode(self) -> bool:
-        return self.report.role in ("decode", "both")
-
-    def serves(self, role: str) -> bool:
-        """Whether this worker can take ``role`` work ("both" serves either)."""
-        return self.can_prefill if role == "prefill" else self.can_decode
-
-    def blocks_for(self, prompt_len: int) -> int:
-        """KV blocks a request needs here: the prompt plus the first generated token."""
-        return math.ceil((prompt_len + 1) / self.report.block_size)
-
-    def prefix_overlap(self, prefix_hashes: Sequence[int]) -> int:
-        """Number of leading ``prefix_hashes`` this worker has cached.
-
-        Hashes are chained, so a hit on block i stands for the whole prefix up to i: the deepest
-        hit counts, even when the worker's bounded summary left out shallower blocks.
-        """
-        for i in range(len(prefix_hashes) - 1, -1, -1):
-            if prefix_hashes[i] in self.prefix_set:
-                return i + 1
-        return 0
-
-
-@dataclass(frozen=True)
-class RoleSummary:
-    """Aggregate of the live workers serving one role, for metrics gauges."""
-
-    workers: int
-    draining: int
-    total_blocks: int
-    free_blocks: int
-    running: int
-    waiting: int
-    queued_prefill_tokens: int
-
-
-def _check_role(role: str) -> None:
-    if role not in PLACEMENT_ROLES:
-        raise ValueError(f"role must be one of {PLACEMENT_ROLES}, got {role!r}")
-
-
-class WorkerTable:
-    """Workers known from heartbeats; a worker silent for more than
-    ``missed_beats * heartbeat_interval_s`` is expired (dead)."""
-
-    def __init__(self, heartbeat_interval_s: float = 1.0, missed_beats: int = 3) -> None:
-        if heartbeat_interval_s <= 0:
-            raise ValueError(f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}")
-        if missed_beats < 1:
-            raise ValueError(f"missed_beats must be >= 1, got {missed_beats}")
-        self.timeout_s = heartbeat_interval_s * missed_beats
-        self._workers: dict[str, WorkerState] = {}
-
-    def update(self, report: WorkerReport, now: float) -> WorkerState:
-        """Record a heartbeat; a worker expired earlier comes back alive with it."""
-        state = WorkerState(report, now, frozenset(report.prefix_hashes))
-        self._workers[report.worker_id] = state
-        return state
-
-    def expire(self, now: float) -> list[str]:
-        """Remove and return (sorted) the workers silent for more than ``timeout_s``."""
-        dead = sorted(w for w, s in self._workers.items() if now - s.last_seen > self.timeout_s)
-        for worker_id in dead:
-            del self._workers[worker_id]
-        return dead
-
-    def note_placed(self, decision: PlaceDecision, prompt_len: int) -> None:
-        """Count a placement into the workers' last reports until their next heartbeat.
-
-        Reports are up to a heartbeat old; without this, every request of a burst would see the
-        same numbers and land on the same worker.
-        """
-        decode = self._workers.get(decision.decode_id)
-        if decode is not None:
-            r = decode.report
-            free = max(0, r.free_blocks - decode.blocks_for(prompt_len))
-            report = replace(r, free_blocks=free, running=r.running + 1)
-            self._workers[r.worker_id] = replace(decode, report=report)
-        prefill = self._workers.get(decision.prefill_id or "")
-        if prefill is not None:
-            r = prefill.report
-            report = replace(r, queued_prefill_tokens=r.queued_prefill_tokens + prompt_len)
-            self._workers[r.worker_id] = replace(prefill, report=report)
-
-    def remove(self, worker_id: str) -> bool:
-        """Forget a worker now (it said goodbye); False if it was not known."""
-        return self._workers.pop(worker_id, None) is not None
-
-    def get(self, worker_id: str) -> WorkerState | None:
-        return self._workers.get(worker_id)
-
-    def alive(self, role: str) -> list[WorkerState]:
-        """Workers that may take new ``role`` work: serving it and not draining, sorted by id."""
-        _check_role(role)
-        return [s for s in self.workers() if s.serves(role) and not s.report.draining]
-
-    def workers(self) -> list[WorkerState]:
-        """Every known worker, draining ones included, sorted by id."""
-        return [self._workers[w] for w in sorted(self._workers)]
-
-    def snapshot(self) -> dict[str, RoleSummary]:
-        """Per-role totals ("prefill", "decode"); a "both" worker counts in each."""
-        return {
-            role: _summarise(s for s in self.workers() if s.serves(role))
-            for role in PLACEMENT_ROLES
-        }
-
-    def __len__(self) -> int:
-        return len(self._workers)
-
-    def __contains__(self, worker_id: object) -> bool:
-        return worker_id in self._workers
-
-
-def _summarise(states: Iterable[WorkerState]) -> RoleSummary:
-    reports = [s.report for s in states]
-    return RoleSummary(
-        workers=len(reports),
-        draining=sum(r.draining for r in reports),
-        total_blocks=sum(r.total_blocks for r in reports),
-        free_blocks=sum(r.free_blocks for r in reports),
-        running=sum(r.running for r in reports),
-        waiting=sum(r.waiting for r in reports),
-        queued_prefill_tokens=sum(r.queued_prefill_tokens for r in reports),
-    )
-
+from disagg.shared.cluster import WorkerState, WorkerTable
+from disagg.shared.config import option
+from disagg.shared.protocol.types import Role
 
 # --- placement -----------------------------------------------------------------------------------
 
@@ -249,12 +64,21 @@ class PlacementPolicy:
     until it runs ``load_scale`` requests.
     """
 
-    kv_weight: float = 1.0  # per unit of KV usage (0 = empty, 1 = full after admitting)
-    load_weight: float = 1.0  # per unit of saturating load (running + waiting)
-    prefix_weight: float = 0.5  # per unit of prompt already cached on the worker
-    load_scale: float = 8.0  # requests in flight at which load is 0.5
-    local_prefill_threshold_tokens: int = 0  # uncached prompts shorter than this prefill locally
-    prefix_routing: bool = True  # False: placement ignores every worker's prefix cache
+    kv_weight: float = option(1.0, help="weight of KV usage (0 empty, 1 full) in decode cost")
+    load_weight: float = option(1.0, help="weight of saturating load (running + waiting)")
+    prefix_weight: float = option(0.5, help="weight of cached-prefix overlap in decode cost")
+    load_scale: float = option(8.0, help="requests in flight at which the load term is 0.5")
+    # benchmarks/prefix_costs.py on a CPU: even 8 prompt tokens in a batch-8 decode step add
+    # 24% to it, more than the remote path's round trips cost. Worth it where a decode step is
+    # memory-bound and a few prompt tokens ride along nearly free (GPUs).
+    local_prefill_threshold_tokens: int = option(
+        0,
+        help="uncached prompt tokens below which the decode worker prefills itself; 0 = never",
+        flag="--local-prefill-threshold",
+    )
+    prefix_routing: bool = option(
+        True, help="place as if no worker had anything cached (for comparisons)"
+    )
     retry_after_s: float = 1.0  # one heartbeat: free-block counts are fresh by then
 
     def __post_init__(self) -> None:
@@ -330,10 +154,10 @@ def place(table: WorkerTable, request: PlaceInput, policy: PlacementPolicy) -> P
     """
     if not policy.prefix_routing:
         request = replace(request, prefix_hashes=())
-    decodes = _candidates(table, "decode", request)
+    decodes = _candidates(table, Role.DECODE, request)
     if not decodes:
         raise NoWorkerError("decode")
-    prefills = [s for s in _candidates(table, "prefill", request) if _could_ever_fit(s, request)]
+    prefills = [s for s in _candidates(table, Role.PREFILL, request) if _could_ever_fit(s, request)]
     reachable = [
         d
         for d in decodes
@@ -345,7 +169,7 @@ def place(table: WorkerTable, request: PlaceInput, policy: PlacementPolicy) -> P
     return PlaceDecision(decode.worker_id, _choose_prefill(prefills, request, decode, policy))
 
 
-def _candidates(table: WorkerTable, role: str, request: PlaceInput) -> list[WorkerState]:
+def _candidates(table: WorkerTable, role: Role, request: PlaceInput) -> list[WorkerState]:
     return [
         s
         for s in table.alive(role)
@@ -445,10 +269,30 @@ def _overlap(worker: WorkerState, request: PlaceInput) -> int:
 # --- rate matching -------------------------------------------------------------------------------
 
 
+def note_placed(table: WorkerTable, decision: PlaceDecision, prompt_len: int) -> None:
+    """Count a placement into the workers' last reports until their next heartbeat.
+
+    Reports are up to a heartbeat old; without this, every request of a burst would see the
+    same numbers and land on the same worker. Ids the table does not know are skipped.
+    """
+    decode = table.get(decision.decode_id)
+    if decode is not None:
+        r = decode.report
+        free = max(0, r.free_blocks - decode.blocks_for(prompt_len))
+        table.revise(
+            r.worker_id, msgspec.structs.replace(r, free_blocks=free, running=r.running + 1)
+        )
+    prefill = table.get(decision.prefill_id or "")
+    if prefill is not None:
+        r = prefill.report
+        queued = r.queued_prefill_tokens + prompt_len
+        table.revise(r.worker_id, msgspec.structs.replace(r, queued_prefill_tokens=queued))
+
+
 def decode_pressure(table: WorkerTable) -> float:
     """Fraction of KV blocks in use across live, non-draining decode workers; 1.0 with none
     (no room anywhere)."""
-    workers = table.alive("decode")
+    workers = table.alive(Role.DECODE)
     total = sum(s.report.total_blocks for s in workers)
     if total == 0:
         return 1.0

@@ -11,115 +11,41 @@ count the same free blocks, and a decode worker then refuses one admit (the gate
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import time
-from dataclasses import fields
 
 import nats.errors
 from nats.aio.msg import Msg
 
-from disagg.services.common import (
-    NatsConfig,
-    PeerWatch,
-    add_nats_flags,
-    connect_nats,
-    error_reply,
-    flag,
-    publish,
-    publish_reply,
-    redact_url,
-    run_service,
-    subjects_for,
-)
+from disagg.services.scheduler.config import SchedulerConfig
+from disagg.services.scheduler.hold import Answer, HoldRefusedError, PlacementGate
 from disagg.services.scheduler.placement import (
     NoCapacityError,
     NoWorkerError,
     PlaceDecision,
     PlaceInput,
     PlacementError,
-    PlacementPolicy,
     PromptTooLongError,
-    WorkerReport,
     decode_pressure,
 )
 from disagg.services.scheduler.rates import (
-    Answer,
-    HoldPolicy,
-    HoldRefusedError,
-    PlacementGate,
     QueueTrend,
     RateEstimator,
     is_prefill_bound,
     queued_prefill_tokens,
 )
+from disagg.shared.cluster import PeerWatch
 from disagg.shared.log import get_logger
-from disagg.shared.messages import (
-    Heartbeat,
-    MessageError,
-    PlaceReply,
-    PlaceRequest,
-    SchedulerStats,
-    check_id,
-    decode,
-    encode,
-    new_request_id,
-)
+from disagg.shared.protocol.codec import decode, encode, error_reply
+from disagg.shared.protocol.messages import Heartbeat, PlaceReply, PlaceRequest, SchedulerStats
+from disagg.shared.protocol.types import MessageError, new_request_id
+from disagg.shared.service import connect_nats, publish, publish_reply, run_service
 
 log = get_logger("disagg.scheduler")
 TICK_S = 0.25  # held placements time out within this of --max-hold-s
 STATS_INTERVAL_S = 1.0
 DRAIN_S = 5.0  # bound on finishing the placement requests already received at shutdown
-
-
-def add_scheduler_args(p: argparse.ArgumentParser) -> None:
-    add_nats_flags(p)
-    flag(p, "--id", default=None, help="scheduler id in stats and metrics (default: random)")
-    flag(
-        p,
-        "--local-prefill-threshold",
-        type=int,
-        # benchmarks/prefix_costs.py on a CPU: even 8 prompt tokens in a batch-8 decode step
-        # add 24% to it, more than the remote path's round trips cost. Worth it where a decode
-        # step is memory-bound and a few prompt tokens ride along nearly free (GPUs).
-        default=0,
-        help="uncached prompt tokens below which the decode worker prefills itself; 0 = never",
-    )
-    flag(
-        p,
-        "--prefix-weight",
-        type=float,
-        default=PlacementPolicy.prefix_weight,
-        help="weight of cached-prefix overlap in decode placement",
-    )
-    flag(
-        p,
-        "--no-prefix-routing",
-        action="store_true",
-        help="place as if no worker had anything cached (for comparisons)",
-    )
-    add_rate_matching_args(p)
-
-
-def add_rate_matching_args(p: argparse.ArgumentParser) -> None:
-    hold = HoldPolicy()
-    flag(p, "--kv-watermark", type=float, default=hold.watermark,
-         help="decode KV usage (0-1] at or above which placements wait for room")  # fmt: skip
-    flag(p, "--max-held", type=int, default=hold.max_held,
-         help="placements waiting for decode room (beyond: 429); 0: never wait")  # fmt: skip
-    flag(p, "--max-hold-s", type=float, default=hold.max_hold_s,
-         help="longest wait for decode room, then 429; keep it below the gateway's "
-         "--place-timeout-s; 0: never wait")  # fmt: skip
-    flag(p, "--placement-grace-s", type=float, default=hold.confirm_s,
-         help="a placement counts against its workers on top of their heartbeats this long "
-         "(until its admit shows in them)")  # fmt: skip
-    flag(p, "--rate-window-s", type=float, default=10.0,
-         help="window of the measured P:D rates and of the prefill-queue trend")  # fmt: skip
-
-
-def report_of(hb: Heartbeat) -> WorkerReport:
-    return WorkerReport(**{f.name: getattr(hb, f.name) for f in fields(WorkerReport)})
 
 
 class SchedulerStopping(PlacementError):
@@ -135,24 +61,14 @@ class SchedulerService:
     (see PeerWatch); on SIGTERM it stops taking placements, answers the held ones with 503,
     drains its subscriptions and exits 0."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.subjects = subjects_for(args)
-        self.scheduler_id = check_id("--id", args.id or "sched-" + new_request_id()[:10])
-        self.policy = PlacementPolicy(
-            local_prefill_threshold_tokens=args.local_prefill_threshold,
-            prefix_weight=args.prefix_weight,
-            prefix_routing=not args.no_prefix_routing,
-        )
-        self.hold = HoldPolicy(
-            watermark=args.kv_watermark,
-            max_held=args.max_held,
-            max_hold_s=args.max_hold_s,
-            confirm_s=args.placement_grace_s,
-        )
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.subjects = cfg.service.subjects
+        self.scheduler_id = cfg.id or "sched-" + new_request_id()[:10]
+        self.policy, self.hold = cfg.policy, cfg.hold
         self.gate: PlacementGate[Held] = PlacementGate(self.policy, self.hold)
-        self.rates = RateEstimator(args.rate_window_s)
-        self.trend = QueueTrend(args.rate_window_s)
+        self.rates = RateEstimator(cfg.rate_window_s)
+        self.trend = QueueTrend(cfg.rate_window_s)
         self.watch: PeerWatch | None = None
         self.nc = None
 
@@ -161,15 +77,16 @@ class SchedulerService:
         return self.watch.table
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.nc = nc = await connect_nats(NatsConfig.from_args(self.args), "scheduler")
-        self.watch = PeerWatch(lambda: nc.is_connected, self.args.missed_heartbeats)
+        service = self.cfg.service
+        self.nc = nc = await connect_nats(service.nats, "scheduler")
+        self.watch = PeerWatch(lambda: nc.is_connected, service.missed_heartbeats)
         await nc.subscribe(self.subjects.heartbeat, cb=self._on_heartbeat)
         queue = self.subjects.scheduler_queue
         placing = await nc.subscribe(self.subjects.place, queue=queue, cb=self._on_place)
         log.info(
             "scheduler_ready",
             scheduler_id=self.scheduler_id,
-            nats=redact_url(self.args.nats),
+            nats=service.nats.display,
             queue=queue,
             kv_watermark=self.hold.watermark,
             max_held=self.hold.max_held,
@@ -203,8 +120,8 @@ class SchedulerService:
 
     async def _on_heartbeat(self, msg) -> None:
         try:
-            report = report_of(decode(Heartbeat, msg.data))
-        except ValueError as err:  # MessageError, or a report the table refuses
+            report = decode(Heartbeat, msg.data)
+        except MessageError as err:
             log.warning("bad_heartbeat", error=str(err))
             return
         now = time.monotonic()
@@ -319,5 +236,5 @@ def _placement_error(err: PlacementError) -> bytes:
     return error_reply(str(err), 500, kind="server_error")
 
 
-def main(args: argparse.Namespace) -> int:
-    return run_service(args, SchedulerService(args).run)
+def main(cfg: SchedulerConfig) -> int:
+    return run_service(cfg.service, SchedulerService(cfg).run)

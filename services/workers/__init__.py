@@ -1,1 +1,2 @@
-"""Prefill and decode worker cores (pure) and their NATS/ZeroMQ service shells."""
+"""Workers: the prefill and decode cores (``prefill``, ``decode``: no I/O) and their shells
+(``service`` for what every role shares, ``prefill_service``, ``decode_service``, ``main``)."""

@@ -20,18 +20,30 @@ transfers included) or, locally, waiting, is a 429 so the gateway tries another 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from disagg.shared.engine import Engine, RequestError, RequestOutput
+import torch
+
+from disagg.shared.engine.engine import Engine
+from disagg.shared.engine.request import RequestError, RequestOutput
 from disagg.shared.log import get_logger
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import (
-    KVReceiver,
-    TransferDescriptor,
-    TransferError,
-    TransferResult,
-)
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.kv_wire import TransferError
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.transfer.receiver import TransferResult
 
 log = get_logger("disagg.decode")
+
+
+class KVSource(Protocol):
+    """Where prefilled KV arrives: ``ReceiverCore`` (fed by ZeroMQ, or by a loopback)."""
+
+    address: str
+
+    def expect(self, desc: TransferDescriptor, kv_cache: torch.Tensor) -> None: ...
+    def cancel(self, transfer_id: str) -> bool: ...
+    def expire(self, now: float | None = None) -> list[str]: ...
+    def poll_completed(self, timeout: float = 0.0) -> list[TransferResult]: ...
 
 
 class AdmitError(Exception):
@@ -66,7 +78,7 @@ class DecodeWorker:
     def __init__(
         self,
         engine: Engine,
-        receiver: KVReceiver,
+        receiver: KVSource,
         *,
         fingerprint: str,
         transfer_deadline_s: float = 30.0,
@@ -87,13 +99,10 @@ class DecodeWorker:
         return self.engine.pool
 
     @property
-    def num_pending_transfers(self) -> int:
-        return len(self._pending)
-
-    @property
     def num_held(self) -> int:
         """Requests this worker holds: pending transfers and the engine's."""
-        return len(self._pending) + len(self.engine.running) + len(self.engine.waiting)
+        scheduler = self.engine.scheduler
+        return len(self._pending) + len(scheduler.running) + len(scheduler.waiting)
 
     def admit(
         self,
@@ -105,9 +114,9 @@ class DecodeWorker:
         """Reserve blocks for `prompt` and return the descriptor a prefill worker (`prefill_id`,
         when known) fills them by."""
         self._check_new(request_id, prompt)
-        if self.num_held >= self.engine.config.max_num_seqs:
+        if self.num_held >= self.engine.scheduler.config.max_num_seqs:
             raise AdmitError(f"busy: {self.num_held} requests held", 429)
-        cached = self.engine.cached_prefix(prompt)
+        cached = self.engine.scheduler.cached_prefix(prompt)
         self.pool.incref(cached)  # before allocating: the hits must not be evicted for it
         blocks_needed = -(-len(prompt) // self.pool.block_size) - len(cached)
         if not self.pool.can_allocate(blocks_needed):
@@ -142,18 +151,19 @@ class DecodeWorker:
     def admit_local(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Serve a request whole here (aggregated mode, or a prompt too short to ship)."""
         self._check_new(request_id, prompt)
-        if len(self.engine.waiting) >= self.engine.config.max_num_seqs:
-            raise AdmitError(f"busy: {len(self.engine.waiting)} requests waiting", 429)
+        waiting = len(self.engine.scheduler.waiting)
+        if waiting >= self.engine.scheduler.config.max_num_seqs:
+            raise AdmitError(f"busy: {waiting} requests waiting", 429)
         try:
             self.engine.add_request(request_id, prompt, params)
         except RequestError as err:
             raise AdmitError(str(err), 400) from None
 
     def _check_new(self, request_id: str, prompt: list[int]) -> None:
-        if request_id in self._by_request or request_id in self.engine.requests:
+        if request_id in self._by_request or request_id in self.engine.scheduler.requests:
             raise AdmitError(f"request id {request_id!r} is already in use", 400)
         try:
-            self.engine.check_prompt(prompt)
+            self.engine.scheduler.check_prompt(prompt)
         except RequestError as err:
             raise AdmitError(str(err), 400) from None
 
@@ -196,7 +206,7 @@ class DecodeWorker:
             return self._fail(result.transfer_id, f"KV transfer failed: {result.error}")
         self._release(result.transfer_id, keep_blocks=True)
         try:
-            self.engine.add_prefilled(
+            self.engine.scheduler.add_prefilled(
                 pending.request_id,
                 pending.prompt,
                 result.first_token,

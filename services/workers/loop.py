@@ -13,8 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from disagg.services.common import BusyError
 from disagg.shared.log import get_logger
+from disagg.shared.service import BusyError
 
 log = get_logger("disagg.compute")
 

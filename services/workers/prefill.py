@@ -14,20 +14,29 @@ sampling. The decode worker's blocks are never touched here except through the K
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from disagg.shared.engine import Engine, Request, RequestError
+import torch
+
+from disagg.shared.engine.engine import Engine
+from disagg.shared.engine.request import Request, RequestError
 from disagg.shared.log import get_logger
-from disagg.shared.sampling import SamplingParams
-from disagg.shared.transfer import (
-    KVSender,
-    SendHandle,
-    TransferDescriptor,
-    TransferError,
-    TransferStats,
-)
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.kv_wire import TransferError
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.transfer.sender import SendHandle, TransferStats
 
 log = get_logger("disagg.prefill")
+
+
+class KVSink(Protocol):
+    """Where this worker's KV goes: ``SenderCore`` (over ZeroMQ, or a loopback)."""
+
+    def begin(
+        self, desc: TransferDescriptor, local_block_ids: Sequence[int], kv_cache: torch.Tensor
+    ) -> SendHandle: ...
 
 
 class QueueFullError(RuntimeError):
@@ -62,7 +71,7 @@ class SentTransfer:
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, sender: KVSender, *, max_queued_tokens: int = 65536) -> None:
+    def __init__(self, engine: Engine, sender: KVSink, *, max_queued_tokens: int = 65536) -> None:
         self.engine = engine
         self.sender = sender
         self.max_queued_tokens = max_queued_tokens
@@ -74,7 +83,7 @@ class PrefillWorker:
 
     @property
     def queued_prefill_tokens(self) -> int:
-        return self.engine.num_queued_prefill_tokens
+        return self.engine.scheduler.num_queued_prefill_tokens
 
     def submit(self, job: PrefillJob) -> None:
         """Queue a prompt; raises QueueFullError or RequestError (never serveable)."""
@@ -89,7 +98,7 @@ class PrefillWorker:
         if self.queued_prefill_tokens + len(job.prompt) > self.max_queued_tokens:
             raise QueueFullError(f"{self.queued_prefill_tokens} prefill tokens already queued")
         # One token here; the decode worker generates the rest. EOS is decode's to judge.
-        params = replace(job.params, max_tokens=1, ignore_eos=True, stop_token_ids=())
+        params = job.params.replace(max_tokens=1, ignore_eos=True, stop_token_ids=())
         self.engine.add_request(job.request_id, job.prompt, params)
         self._jobs[job.request_id] = job
 

@@ -79,7 +79,7 @@ class ForwardBatch:
             )
             ids.extend(chunk)
             positions.extend(range(start_pos, end_pos))
-            slots.extend(_slots(table, start_pos, end_pos, block_size))
+            slots.extend(slots_for_positions(table, start_pos, end_pos, block_size))
             if wants_logits:
                 logits_at.append(len(ids) - 1)
         num_prefill = len(ids)
@@ -87,7 +87,9 @@ class ForwardBatch:
             ids.append(token)
             positions.append(pos)
             logits_at.append(len(ids) - 1)
-        slots.extend(_slots(table, pos, pos + 1, block_size)[0] for _, pos, table in decodes)
+        slots.extend(
+            slots_for_positions(table, pos, pos + 1, block_size)[0] for _, pos, table in decodes
+        )
         tables, lens = _decode_tables(decodes, device)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
         return cls(
@@ -102,7 +104,13 @@ class ForwardBatch:
         )
 
 
-def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+def slots_for_positions(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Slot index (block * block_size + offset) of each token position in [start, end)."""
+    if not 0 <= start <= end <= len(table) * block_size:
+        raise ValueError(
+            f"positions [{start}, {end}) outside the {len(table) * block_size} slots of a "
+            f"{len(table)}-block table"
+        )
     return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disagg.kernels.paged_attention import paged_decode_attention
-from disagg.shared.kv import KVCache
+from disagg.shared.engine.kv_cache import KVCache
 from disagg.shared.model.args import ModelArgs, RopeArgs
 from disagg.shared.model.batch import ForwardBatch, PrefillSegment
 

@@ -1,4 +1,5 @@
-"""Decode side of the KV transfer: ``ReceiverCore`` (no sockets) and ``KVReceiver`` (its shell).
+"""Decode side of the KV transfer, with no sockets: ``ReceiverCore`` validates and applies frames
+(``sockets.KVReceiver`` feeds it from a PULL socket, ``loopback.Loopback`` from memory).
 
 Ownership of the decode-side blocks (the ids in ``TransferDescriptor.block_ids``):
 
@@ -20,28 +21,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import zmq
 
 from disagg.kernels.kv_pack import unpack_kv
 from disagg.shared.log import get_logger
-from disagg.shared.transfer.descriptor import TransferDescriptor, check_cache_layout
-from disagg.shared.transfer.wire import (
-    IDLE_POLL_S,
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.kv_wire import (
     SCALE_BYTES,
-    WIRE_DTYPES,
     DoneHeader,
     FrameError,
     LayerHeader,
     TransferError,
-    as_buffer,
+    byte_view,
     check_payloads,
-    header_identity,
     parse_header,
+    read_identity,
     same_secret,
-    unpack_header_map,
 )
+from disagg.shared.transfer.layout import CACHE_DTYPES, WIRE_DTYPES, check_cache_layout
 
-_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _RECENT_IDS = 4096  # finished ids remembered so late frames count as closed, not unknown
 
 _log = get_logger(__name__)
@@ -140,10 +137,12 @@ class ReceiverCore:
     write into that transfer's blocks is in progress or will ever start.
     """
 
-    def __init__(self, *, max_transfers: int = 1024) -> None:
-        """``max_transfers`` bounds registered transfers plus unpolled results together."""
+    def __init__(self, address: str = "inproc://kv", *, max_transfers: int = 1024) -> None:
+        """``address`` is what descriptors carry (where senders reach this receiver);
+        ``max_transfers`` bounds registered transfers plus unpolled results together."""
         if max_transfers < 1:
             raise ValueError(f"max_transfers must be >= 1, got {max_transfers}")
+        self.address = address
         self.max_transfers = max_transfers
         self._lock = threading.Lock()
         self._results_ready = threading.Condition(self._lock)
@@ -215,8 +214,7 @@ class ReceiverCore:
         try:
             if not parts:
                 raise FrameError("bad_header", "empty message")
-            header = unpack_header_map(parts[0])
-            tid, tok = header_identity(header)
+            tid, tok = read_identity(parts[0])
         except FrameError as err:
             self._drop(None, err)
             return
@@ -229,12 +227,12 @@ class ReceiverCore:
                 # A foreign sender must not be able to fail someone else's transfer: drop only.
                 self._drop_locked(tid, FrameError("bad_token", "token mismatch"))
             else:
-                self._apply_locked(inbound, header, parts[1:])
+                self._apply_locked(inbound, parts[0], parts[1:])
 
-    def _apply_locked(self, inbound: _Inbound, raw: dict[Any, Any], parts: Sequence[Any]) -> None:
+    def _apply_locked(self, inbound: _Inbound, raw: Any, parts: Sequence[Any]) -> None:
         try:
             header = parse_header(raw)
-            payloads = [as_buffer(p) for p in parts]
+            payloads = [byte_view(p, "bad_payload") for p in parts]
             check_payloads(header, payloads)
             if isinstance(header, DoneHeader):
                 inbound.check_done(header)
@@ -290,101 +288,9 @@ class ReceiverCore:
 def _check_cache(kv_cache: torch.Tensor, desc: TransferDescriptor) -> None:
     check_cache_layout(kv_cache, desc, "receiver")
     shape = tuple(kv_cache.shape)
-    if kv_cache.dtype not in _CACHE_DTYPES:
+    if kv_cache.dtype not in CACHE_DTYPES:
         raise TransferError(f"cache dtype {kv_cache.dtype} is not float32/bfloat16/float16")
     if max(desc.block_ids) >= shape[2]:
         raise TransferError(f"block id {max(desc.block_ids)} >= {shape[2]} cache blocks")
     if len(set(desc.block_ids)) != len(desc.block_ids):
         raise TransferError("descriptor lists a block id twice")
-
-
-class KVReceiver:
-    """Decode side: a PULL socket bound on ``host`` and one thread feeding ``ReceiverCore``.
-
-    ``expect``/``cancel``/``expire``/``poll_completed``/``dropped`` are the core's (see there
-    for block ownership). Frames larger than ``max_frame_bytes`` make ZeroMQ drop the peer's
-    connection, so a sender's ``max_chunk_bytes`` must stay below it.
-    """
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        advertise_host: str | None = None,
-        rcvhwm: int = 64,
-        max_frame_bytes: int = 64 << 20,
-        max_transfers: int = 1024,
-    ) -> None:
-        """Bind now (port 0 picks a free port); ``address`` is what descriptors carry."""
-        self.core = ReceiverCore(max_transfers=max_transfers)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
-        try:
-            if port == 0:
-                port = self._sock.bind_to_random_port(f"tcp://{host}")
-            else:
-                self._sock.bind(f"tcp://{host}:{port}")
-        except zmq.ZMQError:
-            self._sock.close()
-            self._ctx.term()
-            raise
-        self.address = f"tcp://{advertise_host or host}:{port}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kv-receiver", daemon=True)
-        self._thread.start()
-        _log.info("kv_receiver_listening", address=self.address)
-
-    def expect(self, desc: TransferDescriptor, kv_cache: torch.Tensor) -> None:
-        """See ``ReceiverCore.expect``."""
-        self.core.expect(desc, kv_cache)
-
-    def cancel(self, transfer_id: str) -> bool:
-        """See ``ReceiverCore.cancel``."""
-        return self.core.cancel(transfer_id)
-
-    def expire(self, now: float | None = None) -> list[str]:
-        """See ``ReceiverCore.expire``."""
-        return self.core.expire(now)
-
-    def poll_completed(self, timeout: float = 0.0) -> list[TransferResult]:
-        """See ``ReceiverCore.poll_completed``."""
-        return self.core.poll_completed(timeout)
-
-    @property
-    def dropped(self) -> dict[str, int]:
-        """Rejected frames by reason."""
-        return self.core.dropped
-
-    def close(self) -> None:
-        """Stop the thread (within one poll interval) and close the socket; safe to call twice."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-        self._sock.close(linger=0)
-        self._ctx.term()
-
-    def __enter__(self) -> KVReceiver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _run(self) -> None:
-        poll_ms = int(IDLE_POLL_S * 1000)
-        while not self._stop.is_set():
-            try:
-                if not self._sock.poll(poll_ms, zmq.POLLIN):
-                    continue
-                parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                continue
-            except zmq.ZMQError as exc:
-                _log.error("kv_receiver_socket_error", error=str(exc))
-                self._stop.wait(IDLE_POLL_S)
-                continue
-            self.core.handle_message(parts)

@@ -1,42 +1,55 @@
-"""Prefill side of the KV transfer: ``KVSender`` (sockets, one thread) and ``SendHandle``.
+"""Prefill side of the KV transfer, with no sockets: ``SenderCore`` and its ``SendHandle``s.
+
+A handle packs each layer into a send buffer of its own and hands the frames to a ``Link``
+(``sockets.KVSender``'s thread over ZeroMQ, or ``loopback.Loopback`` in memory), which reports
+each item back as delivered or abandoned.
 
 The prefill-side blocks (``local_block_ids``) stay the prefill worker's: they are only read
-inside ``send_layer``, which copies one layer into a send buffer owned by the ``SendHandle``, so
-the prefill worker may free them once ``send_layer`` of the last layer has returned.
+inside ``send_layer``, which copies one layer into a send buffer owned by the handle, so the
+prefill worker may free them once ``send_layer`` of the last layer has returned.
 """
 
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import zmq
 
 from disagg.kernels.kv_pack import pack_kv
 from disagg.shared.log import get_logger
-from disagg.shared.transfer.descriptor import TransferDescriptor, check_cache_layout
-from disagg.shared.transfer.wire import (
-    DEFAULT_MAX_CHUNK_BYTES,
-    IDLE_POLL_S,
-    MAX_TOKEN_ID,
+from disagg.shared.protocol.descriptor import TransferDescriptor
+from disagg.shared.protocol.kv_wire import (
     SCALE_BYTES,
-    WIRE_DTYPES,
     DoneHeader,
     LayerHeader,
     TransferError,
     same_secret,
 )
+from disagg.shared.protocol.types import MAX_TOKEN_ID
+from disagg.shared.transfer.layout import WIRE_DTYPES, check_cache_layout
 
-_SNDTIMEO_MS = 100  # a blocked send wakes this often to check close() and its time limit
+DEFAULT_MAX_CHUNK_BYTES = 4 << 20
 
 _log = get_logger(__name__)
+
+
+class Release(Protocol):
+    """How a link tells that it no longer reads a send buffer (ZeroMQ's zero-copy tracker)."""
+
+    def wait(self, timeout: float) -> bool: ...
+
+
+class Link(Protocol):
+    """Where a handle's frames go. It calls ``item.delivered`` or ``item.abandoned`` once."""
+
+    closed: bool
+
+    def enqueue(self, item: Outgoing, deadline: float) -> None: ...
 
 
 @dataclass
@@ -45,7 +58,7 @@ class TransferStats:
 
     ``layer_called_at[i]``: ``send_layer(i)`` entered (≈ layer i's compute end);
     ``layer_enqueued_at[i]``: it returned (pack copy done, compute resumes);
-    ``layer_sent_at[i]``: the sender thread handed layer i's last byte to ZeroMQ.
+    ``layer_sent_at[i]``: the link handed layer i's last byte on.
     """
 
     transfer_id: str
@@ -71,36 +84,33 @@ class TransferStats:
 
 
 class _Slot:
-    """One layer's send buffer; busy from packing until ZeroMQ releases its frames."""
+    """One layer's send buffer; busy from packing until the link releases its frames."""
 
     def __init__(self, data: torch.Tensor, scales: torch.Tensor | None) -> None:
         self.data = data  # flat, wire dtype, every chunk of one layer back to back
         self.scales = scales  # flat float32 (int8 wire only)
         self._sent = threading.Event()
         self._sent.set()
-        self._tracker: zmq.MessageTracker | None = None
+        self._release: Release | None = None
 
     def claim(self, deadline: float) -> None:
-        """Wait until ZeroMQ no longer reads this buffer, then mark it busy."""
+        """Wait until the link no longer reads this buffer, then mark it busy."""
         if not self._sent.wait(max(0.0, deadline - time.monotonic())):
             raise TransferError("send buffer was not sent before the deadline")
-        if self._tracker is not None:
-            try:
-                self._tracker.wait(max(0.0, deadline - time.monotonic()))
-            except zmq.NotDone:
-                raise TransferError("ZeroMQ did not release a send buffer in time") from None
-        self._tracker = None
+        release, self._release = self._release, None
+        if release is not None and not release.wait(max(0.0, deadline - time.monotonic())):
+            raise TransferError("the link did not release a send buffer in time")
         self._sent.clear()
 
-    def release(self, tracker: zmq.MessageTracker | None) -> None:
-        """Called by the sender thread once the frames are queued (or abandoned)."""
-        self._tracker = tracker
+    def release(self, release: Release | None) -> None:
+        """The frames were handed on (``release`` tells when their bytes are no longer read)."""
+        self._release = release
         self._sent.set()
 
 
 @dataclass
-class _Outgoing:
-    """One queue item: a layer's chunk messages, or the done message (``layer is None``)."""
+class Outgoing:
+    """One link item: a layer's chunk messages, or the done message (``layer is None``)."""
 
     handle: SendHandle
     layer: int | None
@@ -109,8 +119,20 @@ class _Outgoing:
     nbytes: int
     payload_bytes: int
 
+    def delivered(self, now: float, release: Release | None = None) -> None:
+        """Every message was handed on; ``release`` says when the buffers are free again."""
+        if self.slot is not None:
+            self.slot.release(release)
+        self.handle._on_sent(self, now)
 
-def _chunk_plan(num_blocks: int, block_bytes: int, max_chunk_bytes: int) -> list[tuple[int, int]]:
+    def abandoned(self, reason: str, release: Release | None = None) -> None:
+        """The item (and so its transfer) failed; ``release`` covers what was handed on."""
+        if self.slot is not None:
+            self.slot.release(release)
+        self.handle.fail(reason)
+
+
+def chunk_plan(num_blocks: int, block_bytes: int, max_chunk_bytes: int) -> list[tuple[int, int]]:
     """``(first_block, nblocks)`` per chunk, each at most ``max_chunk_bytes`` (or one block)."""
     per_chunk = max(1, max_chunk_bytes // block_bytes)
     return [
@@ -124,30 +146,29 @@ def _wire_view(flat: torch.Tensor) -> Any:
 
 
 class SendHandle:
-    """One outgoing transfer. Methods run on the compute thread; the sender thread sends.
+    """One outgoing transfer. Methods run on the compute thread; the link sends.
 
     ``send_layer(i)`` for i = 0..L-1 in order, then ``finish(first_token)``, then ``wait``.
-    Memory is bounded by ``pool_size`` layer buffers; a buffer is reused only after ZeroMQ has
+    Memory is bounded by ``pool_size`` layer buffers; a buffer is reused only after the link has
     released it, so ``send_layer`` blocks (bounded by the deadline) when the wire falls behind.
+    ``chunks`` is how each layer is split: ``(first_block, nblocks)`` per message.
     """
 
     def __init__(
         self,
-        sender: KVSender,
+        core: SenderCore,
         desc: TransferDescriptor,
         local_block_ids: torch.Tensor,
         kv_cache: torch.Tensor,
     ) -> None:
         self.desc = desc
-        self._sender = sender
+        self._core = core
         self._local_ids = local_block_ids
         self._kv_cache = kv_cache
         self._geometry = tuple(kv_cache.shape[3:])  # block_size, kv_heads, head_dim
         self._wire_dtype = WIRE_DTYPES[desc.wire_dtype]
-        block_elems = 2 * math.prod(self._geometry)
-        self._plan = _chunk_plan(
-            len(desc.block_ids), block_elems * self._wire_dtype.itemsize, sender.max_chunk_bytes
-        )
+        block_bytes = 2 * math.prod(self._geometry) * self._wire_dtype.itemsize
+        self.chunks = chunk_plan(len(desc.block_ids), block_bytes, core.max_chunk_bytes)
         self._slots: list[_Slot] = []
         self._next_layer = 0
         self._finished = False
@@ -166,13 +187,8 @@ class SendHandle:
 
     @property
     def finished(self) -> bool:
-        """True once the done frame was handed to ZeroMQ or the transfer failed."""
+        """True once the done frame was handed on or the transfer failed."""
         return self._done.is_set()
-
-    @property
-    def chunks_per_layer(self) -> int:
-        """How many messages each layer is split into (``max_chunk_bytes`` bounds each)."""
-        return len(self._plan)
 
     def send_layer(self, layer: int) -> None:
         """Pack layer ``layer``'s blocks into a send buffer and queue them; returns after the copy.
@@ -192,8 +208,7 @@ class SendHandle:
             self.fail(f"send_layer({layer}): {exc}")
             raise
         try:
-            item = self._pack_layer(layer, slot)
-            self._sender.enqueue(item, self.deadline)
+            self._core.link.enqueue(self._pack_layer(layer, slot), self.deadline)
         except BaseException as exc:
             slot.release(None)
             self.fail(f"send_layer({layer}): {exc}")
@@ -210,18 +225,22 @@ class SendHandle:
             raise TransferError(f"first_token must be a non-negative int, got {first_token!r}")
         self.stats.finish_called_at = time.perf_counter()
         header = DoneHeader(
-            self.desc.transfer_id, self.desc.token, first_token, self._sender.fingerprint
+            transfer_id=self.desc.transfer_id,
+            token=self.desc.token,
+            first_token=first_token,
+            fingerprint=self._core.fingerprint,
         ).encode()
         self._finished = True
-        item = _Outgoing(self, None, [[header]], None, len(header), 0)
         try:
-            self._sender.enqueue(item, self.deadline)
+            self._core.link.enqueue(
+                Outgoing(self, None, [[header]], None, len(header), 0), self.deadline
+            )
         except TransferError as exc:
             self.fail(str(exc))
             raise
 
     def wait(self, timeout: float | None = None) -> TransferStats:
-        """Block until the done frame is handed to ZeroMQ; raises ``TransferError`` on failure."""
+        """Block until the done frame is handed on; raises ``TransferError`` on failure."""
         if not self._done.wait(timeout):
             raise TransferError(f"transfer {self.desc.transfer_id} not sent within {timeout} s")
         if self._error is not None:
@@ -242,7 +261,7 @@ class SendHandle:
             raise TransferError(f"transfer {self.desc.transfer_id} is already finished")
 
     def _slot_for(self, layer: int) -> _Slot:
-        index = layer % self._sender.pool_size
+        index = layer % self._core.pool_size
         if index == len(self._slots):
             self._slots.append(self._new_slot())
         return self._slots[index]
@@ -259,16 +278,16 @@ class SendHandle:
             scales = torch.empty(2 * blocks * block_size * kv_heads, pin_memory=pin)
         return _Slot(data, scales)
 
-    def _pack_layer(self, layer: int, slot: _Slot) -> _Outgoing:
+    def _pack_layer(self, layer: int, slot: _Slot) -> Outgoing:
         messages, nbytes, payload = [], 0, 0
-        for chunk, (first, nblocks) in enumerate(self._plan):
+        for chunk, (first, nblocks) in enumerate(self.chunks):
             data, scales = self._pack_chunk(layer, slot, first, nblocks)
             header = LayerHeader(
                 transfer_id=self.desc.transfer_id,
                 token=self.desc.token,
                 layer=layer,
                 chunk=chunk,
-                nchunks=len(self._plan),
+                nchunks=len(self.chunks),
                 first_block=first,
                 nblocks=nblocks,
                 dtype=self.desc.wire_dtype,
@@ -281,7 +300,7 @@ class SendHandle:
             messages.append(parts)
             nbytes += len(header) + chunk_payload
             payload += chunk_payload
-        return _Outgoing(self, layer, messages, slot, nbytes, payload)
+        return Outgoing(self, layer, messages, slot, nbytes, payload)
 
     def _pack_chunk(
         self, layer: int, slot: _Slot, first: int, nblocks: int
@@ -308,8 +327,8 @@ class SendHandle:
             pack_kv(kv_layer, ids, quantize=quantize, out=data_out, scales_out=scales_out)
         return data, scales
 
-    def _on_sent(self, item: _Outgoing, now: float) -> None:
-        """Sender thread: every message of ``item`` was handed to ZeroMQ."""
+    def _on_sent(self, item: Outgoing, now: float) -> None:
+        """The link handed every message of ``item`` on."""
         self.stats.bytes_sent += item.nbytes
         self.stats.payload_bytes += item.payload_bytes
         if item.layer is None:
@@ -319,45 +338,21 @@ class SendHandle:
             self.stats.layer_sent_at[item.layer] = now
 
 
-class KVSender:
-    """Prefill side: one PUSH socket per decode address and one thread that sends.
-
-    The compute thread packs (``SendHandle.send_layer``) and enqueues into a bounded queue; the
-    sender thread owns every socket. A destination that does not accept a message within
-    ``send_timeout_s`` fails that transfer (the decode side then expires it).
-    """
+class SenderCore:
+    """Starts transfers of this worker's model (``fingerprint``) over ``link``."""
 
     def __init__(
         self,
         fingerprint: str,
+        link: Link,
         *,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         pool_size: int = 2,
-        queue_size: int = 64,
-        sndhwm: int = 16,
-        linger_s: float = 1.0,
-        send_timeout_s: float = 5.0,
-        max_destinations: int = 64,
     ) -> None:
-        """``fingerprint`` is this worker's ``model_fingerprint``; begin() refuses any other."""
-        if max_chunk_bytes < 1 or pool_size < 1 or queue_size < 1 or max_destinations < 1:
-            raise ValueError(
-                "max_chunk_bytes, pool_size, queue_size, max_destinations must be >= 1"
-            )
-        self.fingerprint = fingerprint
-        self.max_chunk_bytes = max_chunk_bytes
-        self.pool_size = pool_size
-        self._sndhwm = sndhwm
-        self._linger_ms = int(linger_s * 1000)
-        self._send_timeout_s = send_timeout_s
-        self._max_destinations = max_destinations
-        self._ctx = zmq.Context()
-        self._queue: queue.Queue[_Outgoing] = queue.Queue(maxsize=queue_size)
-        self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()  # sender thread only
-        self._stop = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
-        self._thread.start()
+        if max_chunk_bytes < 1 or pool_size < 1:
+            raise ValueError("max_chunk_bytes and pool_size must be >= 1")
+        self.fingerprint, self.link = fingerprint, link
+        self.max_chunk_bytes, self.pool_size = max_chunk_bytes, pool_size
 
     def begin(
         self,
@@ -372,7 +367,7 @@ class KVSender:
         ``send_layer`` returns. Raises ``TransferError`` on a model fingerprint mismatch, a block
         count mismatch, or a cache whose layout or block size does not match the descriptor.
         """
-        if self._stop.is_set():
+        if self.link.closed:
             raise TransferError("sender is closed")
         if not same_secret(desc.model_fingerprint, self.fingerprint):
             raise TransferError(
@@ -388,117 +383,3 @@ class KVSender:
         if ids.min() < 0 or ids.max() >= kv_cache.shape[2]:
             raise TransferError(f"local block ids outside [0, {kv_cache.shape[2]})")
         return SendHandle(self, desc, ids, kv_cache)
-
-    def enqueue(self, item: _Outgoing, deadline: float) -> None:
-        """Hand an item to the sender thread, waiting for queue room until ``deadline``."""
-        if self._stop.is_set():
-            raise TransferError("sender is closed")
-        try:
-            self._queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
-            raise TransferError("send queue stayed full until the deadline") from None
-
-    def close(self) -> None:
-        """Stop the thread; queued items fail, sent frames get ``linger_s`` to flush. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        self._thread.join(timeout=self._send_timeout_s + 5.0)
-        self._abandon_queued("sender closed")
-        self._ctx.term()
-
-    def __enter__(self) -> KVSender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    item = self._queue.get(timeout=IDLE_POLL_S)
-                except queue.Empty:
-                    continue
-                try:
-                    self._deliver(item)
-                except Exception as exc:  # a bug in one transfer must not stop all the others
-                    _log.exception("kv_sender_error", transfer_id=item.handle.desc.transfer_id)
-                    item.handle.fail(f"internal error: {exc!r}")
-        finally:
-            for sock in self._sockets.values():
-                sock.close(linger=self._linger_ms)
-            self._sockets.clear()
-
-    def _abandon_queued(self, reason: str) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item.slot is not None:
-                item.slot.release(None)
-            item.handle.fail(reason)
-
-    def _deliver(self, item: _Outgoing) -> None:
-        handle = item.handle
-        trackers: list[zmq.MessageTracker] = []
-        try:
-            if handle.error is None:
-                sock = self._socket_for(handle.desc.address)
-                limit = min(handle.deadline, time.monotonic() + self._send_timeout_s)
-                for parts in item.messages:
-                    self._send_message(sock, parts, limit, trackers)
-        except (TransferError, zmq.ZMQError) as exc:
-            handle.fail(f"sending to {handle.desc.address}: {exc}")
-        finally:
-            if item.slot is not None:
-                # Even a failed item keeps the trackers of what ZeroMQ did take.
-                item.slot.release(zmq.MessageTracker(*trackers))
-        if handle.error is None:
-            handle._on_sent(item, time.perf_counter())
-
-    def _send_message(
-        self, sock: zmq.Socket, parts: list[Any], limit: float, trackers: list[zmq.MessageTracker]
-    ) -> None:
-        """Send one multipart message; its payload parts zero-copy, tracked into ``trackers``."""
-        more = zmq.SNDMORE if len(parts) > 1 else 0
-        while True:
-            try:
-                sock.send(parts[0], more)
-                break
-            except zmq.Again:
-                if self._stop.is_set() or time.monotonic() >= limit:
-                    raise TransferError("destination did not accept the frame in time") from None
-        try:
-            for i, part in enumerate(parts[1:], start=1):
-                flags = zmq.SNDMORE if i < len(parts) - 1 else 0
-                trackers.append(sock.send(part, flags, copy=False, track=True))
-        except zmq.ZMQError:
-            # A half-sent multipart message would corrupt the next one: drop the socket.
-            self._evict(sock)
-            raise
-
-    def _socket_for(self, address: str) -> zmq.Socket:
-        sock = self._sockets.get(address)
-        if sock is not None:
-            self._sockets.move_to_end(address)
-            return sock
-        if len(self._sockets) >= self._max_destinations:
-            _, oldest = self._sockets.popitem(last=False)
-            oldest.close(linger=self._linger_ms)
-        sock = self._ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.SNDHWM, self._sndhwm)
-        sock.setsockopt(zmq.LINGER, self._linger_ms)
-        sock.setsockopt(zmq.SNDTIMEO, _SNDTIMEO_MS)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections, never for the void
-        sock.connect(address)
-        self._sockets[address] = sock
-        return sock
-
-    def _evict(self, sock: zmq.Socket) -> None:
-        for address, cached in list(self._sockets.items()):
-            if cached is sock:
-                del self._sockets[address]
-        sock.close(linger=0)

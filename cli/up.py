@@ -1,0 +1,245 @@
+"""`disagg up`: the whole stack on one machine, each role its own process.
+
+Starts nats-server, the scheduler, the workers and the gateway as child processes — the same
+`disagg <role> ...` commands a user would run by hand — waits until the gateway is healthy,
+prints where it serves, and stops everything on Ctrl-C or SIGTERM (or when a child dies).
+
+Secrets (NATS user/password or token, API keys) reach the children in their environment, never
+on a command line (`ps` shows those). With NATS credentials and no `--nats`, the embedded
+nats-server is started requiring them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Literal
+
+from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
+from disagg.cli.tiny import TinySpec, write_tiny_checkpoint
+from disagg.services.workers.config import parse_cpus
+from disagg.shared.config import env_name, group, option
+from disagg.shared.log import configure_logging, get_logger
+from disagg.shared.model.args import DTYPE_CHOICES
+from disagg.shared.protocol.types import DEFAULT_BLOCK_SIZE
+from disagg.shared.service import NatsAuth, redact_url
+
+log = get_logger("disagg.up")
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    """What `disagg up` starts; its fields are its flags."""
+
+    model: Path | None = option(None, help="model folder (default: a tiny built-in one)")
+    host: str = option("127.0.0.1", help="interface the gateway binds")
+    port: int = option(8000, help="port of the gateway (0: a free one)")
+    nats_port: int = option(4222, help="port of the embedded nats-server")
+    nats: str | None = option(None, help="use this NATS server instead of starting one")
+    auth: NatsAuth = group(NatsAuth, "nats-")
+    api_key: str | None = option(None, help="gateway Bearer key(s)", secret=True)
+    mode: Literal["disagg", "agg"] = option("disagg", help="disaggregated or aggregated workers")
+    prefill: int = option(1, help="prefill workers (disagg mode)")
+    decode: int = option(1, help="decode workers (or aggregated workers)")
+    dtype: DTYPE_CHOICES = option("auto", help="weights and KV dtype")
+    kv_memory_gb: float = option(0.5, help="KV cache per worker")
+    block_size: int = option(DEFAULT_BLOCK_SIZE, help="tokens per KV block")
+    device: str = option("cpu", help="cpu | cuda")
+    cpus: str | None = option(None, help="give worker i core i of this list, e.g. 0-3")
+    log_dir: Path | None = option(None, help="one log file per child (default: inherit)")
+    log_level: str = option("info", help="debug | info | warning | error")
+    ready_timeout_s: float = option(180.0, help="bound on the whole stack getting ready")
+
+    def __post_init__(self) -> None:
+        if self.prefill < 0 or self.decode < 1:
+            raise ValueError("--prefill must be >= 0 and --decode >= 1")
+        if self.mode == "disagg" and self.prefill < 1:
+            raise ValueError("disagg mode needs --prefill >= 1")
+        if self.cpus is not None:
+            parse_cpus(self.cpus)
+
+
+def default_model() -> Path:
+    """A tiny checkpoint in the user cache dir, written once."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "disagg"
+    path = cache / "tiny-llama"
+    if not (path / "config.json").is_file():
+        write_tiny_checkpoint(
+            path, TinySpec(arch="llama", num_layers=4, hidden_size=128, intermediate_size=256)
+        )
+        print(f"disagg up: no --model given; wrote a tiny random llama checkpoint to {path}")
+    return path
+
+
+ROLES = ("prefill", "decode", "worker")
+
+
+def worker_roles(cfg: UpConfig) -> list[str]:
+    if cfg.mode == "agg":
+        return ["worker"] * cfg.decode
+    return ["prefill"] * cfg.prefill + ["decode"] * cfg.decode
+
+
+class Stack:
+    """The children of one `disagg up`, in start order; stopped in reverse."""
+
+    def __init__(self, args: UpConfig, model: Path) -> None:
+        self.args, self.model = args, model
+        self.private = tempfile.TemporaryDirectory(prefix="disagg-up-")  # 0700: secrets inside
+        self.nats: NatsServer | None = None
+        if args.nats is None:
+            config = _nats_auth_config(args, Path(self.private.name))
+            self.nats = NatsServer(port=args.nats_port, config=config)
+        self.nats_url = args.nats or self.nats.url
+        self.env = os.environ | child_secrets(args)
+        self.children: list[Child] = []
+
+    def start(self) -> None:
+        if self.nats is not None:
+            self.nats.start()
+        common = ["--nats", self.nats_url, "--log-level", self.args.log_level]
+        self._spawn("scheduler", ["scheduler", *common])
+        cpus = _cpu_list(self.args.cpus)
+        for i, role in enumerate(worker_roles(self.args)):
+            argv = [
+                role,
+                *common,
+                *self._model_flags(),
+                "--kv-memory-gb",
+                str(self.args.kv_memory_gb),
+            ]
+            argv += ["--block-size", str(self.args.block_size), "--device", self.args.device]
+            if cpus:
+                argv += ["--cpus", str(cpus[i % len(cpus)])]
+            self._spawn(f"{role}-{i}", argv)
+        gateway = ["gateway", *common, "--model", str(self.model), "--host", self.args.host]
+        self._spawn("gateway", [*gateway, "--port", str(self.args.port)])
+
+    def _model_flags(self) -> list[str]:
+        return ["--model", str(self.model), "--dtype", self.args.dtype]
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        out = None
+        if self.args.log_dir is not None:
+            self.args.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.args.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
+        argv = [*disagg_command(), *argv]
+        self.children.append(Child(name, argv, env=self.env, log=out or sys.stderr))
+
+    def dead_child(self) -> Child | None:
+        """A child that died; a worker that drained and exited 0 is let go, not a failure."""
+        for child in list(self.children):
+            if child.alive():
+                continue
+            if child.proc.returncode == 0 and child.name.split("-")[0] in ROLES:
+                log.info("worker_left", name=child.name)
+                self.children.remove(child)
+                continue
+            return child
+        return None
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        if self.nats is not None:
+            self.nats.stop()
+        self.private.cleanup()
+
+
+def child_secrets(cfg: UpConfig) -> dict[str, str]:
+    """The NATS credentials and API keys given to `disagg up`, as the children's environment."""
+    env = {
+        env_name("--nats-" + f.name.replace("_", "-")): str(value)
+        for f in fields(NatsAuth)
+        if (value := getattr(cfg.auth, f.name)) is not None
+    }
+    if cfg.api_key is not None:
+        env["DISAGG_API_KEY"] = cfg.api_key
+    return env
+
+
+def _nats_auth_config(cfg: UpConfig, folder: Path) -> Path | None:
+    """A nats-server config requiring the user/password or token given to `disagg up`."""
+    if cfg.auth.user:
+        auth = {"user": cfg.auth.user, "password": cfg.auth.password or ""}
+    elif cfg.auth.token:
+        auth = {"token": cfg.auth.token}
+    else:
+        return None
+    body = ", ".join(f"{key}: {json.dumps(value)}" for key, value in auth.items())
+    path = folder / "nats-server.conf"
+    path.write_text(f"authorization {{ {body} }}\n")
+    path.chmod(0o600)
+    return path
+
+
+def _cpu_list(spec: str | None) -> list[int]:
+    return sorted(parse_cpus(spec)) if spec else []
+
+
+TOTAL_BLOCKS = "disagg:kv_blocks_total{"
+
+
+def wait_ready(base: str, stack: Stack, timeout: float) -> None:
+    """Until /health is 200 and the gateway has heard from every worker this stack started."""
+    workers = len(worker_roles(stack.args))
+    key = (stack.args.api_key or "").split(",")[0].strip() or None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (dead := stack.dead_child()) is not None:
+            raise RuntimeError(f"{dead.name} exited with code {dead.proc.returncode}")
+        with contextlib.suppress(OSError):
+            metrics = _get(base + "/health") and _get(base + "/metrics", key)
+            if metrics and metrics.count(TOTAL_BLOCKS) >= workers:
+                return
+        time.sleep(0.25)
+    raise TimeoutError(f"the stack was not ready within {timeout} s")
+
+
+def _get(url: str, api_key: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as resp:
+        return resp.read().decode()
+
+
+def main(args: UpConfig) -> int:
+    configure_logging(args.log_level)
+    model = args.model or default_model()
+    if args.port == 0:
+        args = replace(args, port=free_port(args.host))
+    stack = Stack(args, model)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        return _serve(args, stack, model, stop)
+    except (RuntimeError, TimeoutError) as err:
+        print(f"disagg up: {err}; see the logs above (or --log-dir)", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+def _serve(args: UpConfig, stack: Stack, model: Path, stop: threading.Event) -> int:
+    stack.start()
+    base = f"http://{args.host}:{args.port}"
+    wait_ready(base, stack, args.ready_timeout_s)
+    roles = ", ".join(f"{c.name} (pid {c.pid})" for c in stack.children)
+    nats = redact_url(stack.nats_url)
+    print(f"disagg is serving {model} at {base}/v1 ({args.mode} mode; NATS {nats})")
+    print(f"processes: {roles}", flush=True)
+    while not stop.is_set():
+        if (dead := stack.dead_child()) is not None:
+            log.error("child_exited", name=dead.name, code=dead.proc.returncode)
+            return 1
+        stop.wait(0.2)
+    return 0

@@ -1,0 +1,333 @@
+"""Validation of /v1/completions and /v1/chat/completions bodies into ``GenerationRequest``s.
+
+What is served: one prompt, one choice (n=1) per request. Sampling is temperature / top-p /
+top-k / seed only: parameters that would change the output and are not implemented (logprobs,
+penalties, logit_bias, tools, response_format, ...) are refused with a 400 unless they hold
+their neutral value, rather than silently ignored. Unknown fields are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from disagg.services.gateway.openai.errors import (
+    context_length_exceeded,
+    invalid_request,
+    model_not_found,
+)
+from disagg.services.gateway.openai.fields import (
+    CHAT_NEUTRAL,
+    COMPLETION_NEUTRAL,
+    Fields,
+    check_unsupported,
+    is_int,
+    missing,
+    type_error,
+    unsupported,
+    value_error,
+)
+from disagg.services.gateway.openai.request import (
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    ROLES,
+    SEED_MAX,
+    SEED_MIN,
+    GenerationRequest,
+    Kind,
+    ParseContext,
+)
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.tokenizer import ChatTemplateError
+
+
+@dataclass
+class _Common:
+    """Fields shared by both endpoints, validated."""
+
+    model: str
+    sampling: dict[str, Any]  # SamplingParams fields except max_tokens
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+
+
+def parse_completion(
+    body: Any, ctx: ParseContext, *, request_id: str | None = None, created: int | None = None
+) -> GenerationRequest:
+    """Validate a /v1/completions body. Raises `APIError` (400, or 404 for the model)."""
+    fields = Fields(body)
+    common = _parse_common(fields, ctx, COMPLETION_NEUTRAL)
+    echo = fields.boolean("echo", False)
+    requested = fields.integer("max_tokens", 1)
+    prompt_ids, prompt_text = _completion_prompt(fields.get("prompt"), ctx)
+    max_tokens = _max_tokens(
+        requested, len(prompt_ids), ctx, "completion", default=COMPLETION_DEFAULT_MAX_TOKENS
+    )
+    request = _request("completion", common, prompt_ids, max_tokens, request_id, created)
+    request.echo_prompt_text = prompt_text if echo else None
+    return request
+
+
+def parse_chat(
+    body: Any, ctx: ParseContext, *, request_id: str | None = None, created: int | None = None
+) -> GenerationRequest:
+    """Validate a /v1/chat/completions body and apply the chat template. Raises `APIError`."""
+    fields = Fields(body)
+    common = _parse_common(fields, ctx, CHAT_NEUTRAL)
+    # max_completion_tokens replaced max_tokens in OpenAI's API; it wins when both are given.
+    legacy = fields.integer("max_tokens", 1)
+    requested = fields.integer("max_completion_tokens", 1) or legacy
+    add_generation_prompt = fields.boolean("add_generation_prompt", True)
+    messages = _messages(fields.get("messages"), ctx)
+    prompt_ids = _render_chat(messages, ctx, add_generation_prompt)
+    max_tokens = _max_tokens(requested, len(prompt_ids), ctx, "chat")
+    return _request("chat", common, prompt_ids, max_tokens, request_id, created)
+
+
+def _parse_common(
+    fields: Fields, ctx: ParseContext, neutral: dict[str, Callable[[Any], bool]]
+) -> _Common:
+    model = _model(fields.get("model"), ctx)
+    check_unsupported(fields, neutral)
+    if fields.integer("n", 1) not in (None, 1):
+        raise unsupported("n", "must be 1: this server returns one choice per request")
+    stream, include_usage = _stream(fields)
+    return _Common(
+        model=model,
+        sampling=_sampling(fields, ctx),
+        stop=_stop(fields.get("stop"), ctx),
+        stream=stream,
+        include_usage=include_usage,
+        return_token_ids=fields.boolean("return_token_ids", False),
+    )
+
+
+def _model(value: Any, ctx: ParseContext) -> str:
+    if value is None:  # vLLM serves its first model name when none is given
+        return ctx.served_models[0]
+    if not isinstance(value, str):
+        raise type_error("model", "a string", value)
+    if value not in ctx.served_models:
+        raise model_not_found(value)
+    return value
+
+
+def _stream(fields: Fields) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = fields.boolean("stream", False)
+    if fields.get("stream_options") is None:
+        return stream, False
+    if not stream:
+        message = "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+        raise invalid_request(message, "stream_options", "invalid_value")
+    options = Fields(fields.get("stream_options"), "stream_options.", "stream_options")
+    if options.boolean("continuous_usage_stats", False):
+        raise unsupported("stream_options.continuous_usage_stats")
+    return True, options.boolean("include_usage", False)
+
+
+def _sampling(fields: Fields, ctx: ParseContext) -> dict[str, Any]:
+    temperature = fields.number("temperature", 0.0, 2.0)
+    top_p = fields.number("top_p", 0.0, 1.0, open_lo=True)
+    top_k = fields.integer("top_k", -1)
+    return {
+        "temperature": ctx.default_temperature if temperature is None else temperature,
+        "top_p": 1.0 if top_p is None else top_p,
+        "top_k": 0 if top_k in (None, -1) else top_k,  # -1 and 0 both mean off
+        "seed": fields.integer("seed", SEED_MIN, SEED_MAX),
+        "stop_token_ids": _stop_token_ids(fields.get("stop_token_ids"), ctx),
+        "ignore_eos": fields.boolean("ignore_eos", False),
+    }
+
+
+def _stop(value: Any, ctx: ParseContext) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise type_error("stop", "a string or an array of strings", value)
+    if len(stops) > ctx.max_stop_strings:
+        expected = f"at most {ctx.max_stop_strings} stop sequences"
+        raise value_error("stop", expected, f"{len(stops)} sequences")
+    for stop in stops:
+        if not stop or len(stop) > ctx.max_stop_chars:
+            expected = f"stop sequences of 1 to {ctx.max_stop_chars} characters"
+            raise value_error("stop", expected, f"one of {len(stop)} characters")
+    return list(dict.fromkeys(stops))
+
+
+def _stop_token_ids(value: Any, ctx: ParseContext) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise type_error("stop_token_ids", "an array of integers", value)
+    if len(value) > ctx.max_stop_token_ids:
+        expected = f"at most {ctx.max_stop_token_ids} token ids"
+        raise value_error("stop_token_ids", expected, f"{len(value)} ids")
+    return tuple(_token_ids(value, "stop_token_ids", ctx))
+
+
+def _token_ids(values: list[Any], param: str, ctx: ParseContext) -> list[int]:
+    limit = ctx.token_limit
+    for value in values:
+        if not is_int(value):
+            raise type_error(param, "an array of integers", value)
+        if not 0 <= value < limit:
+            raise invalid_request(
+                f"Token id {value} is out of vocabulary (ids are 0 to {limit - 1}).",
+                param,
+                "invalid_value",
+            )
+    return list(values)
+
+
+def _completion_prompt(value: Any, ctx: ParseContext) -> tuple[list[int], str]:
+    """(prompt ids, prompt text) of a string, [string], token ids or [token ids] prompt."""
+    if value is None:
+        raise missing("prompt")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one is one prompt
+    if isinstance(value, str):
+        return _text_prompt(value, ctx), value
+    expected = "a string, an array of strings or an array of token ids"
+    if not isinstance(value, list):
+        raise type_error("prompt", expected, value)
+    if len(value) > 1 and all(isinstance(v, (str, list)) for v in value):
+        message = (
+            "Batched prompts are not supported: this server takes one prompt per request "
+            "(n=1, batch=1). Send one request per prompt."
+        )
+        raise invalid_request(message, "prompt", "unsupported")
+    if not value:
+        raise invalid_request("The prompt must not be empty.", "prompt", "empty_prompt")
+    ids = _token_ids(value, "prompt", ctx)
+    return ids, ctx.tokenizer.decode(ids)
+
+
+def _text_prompt(text: str, ctx: ParseContext) -> list[int]:
+    if len(text) > ctx.max_prompt_chars:
+        expected = f"a prompt of at most {ctx.max_prompt_chars} characters"
+        raise value_error("prompt", expected, f"{len(text)} characters")
+    ids = ctx.tokenizer.encode(text, add_special_tokens=True) if text else []
+    if not ids:
+        raise invalid_request("The prompt must not be empty.", "prompt", "empty_prompt")
+    return ids
+
+
+def _messages(value: Any, ctx: ParseContext) -> list[dict[str, str]]:
+    if value is None:
+        raise missing("messages")
+    if not isinstance(value, list):
+        raise type_error("messages", "an array", value)
+    if not value:
+        raise invalid_request("'messages' must contain at least one message.", "messages")
+    messages = [_message(m, f"messages[{i}]") for i, m in enumerate(value)]
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > ctx.max_prompt_chars:
+        expected = f"messages of at most {ctx.max_prompt_chars} characters in all"
+        raise value_error("messages", expected, f"{chars} characters")
+    return messages
+
+
+def _message(value: Any, where: str) -> dict[str, str]:
+    fields = Fields(value, where + ".", where)
+    role = fields.get("role")
+    if role is None:
+        raise missing(where + ".role")
+    if not isinstance(role, str):
+        raise type_error(where + ".role", "a string", role)
+    if role not in ROLES:
+        raise value_error(where + ".role", f"one of {', '.join(ROLES)}", repr(role))
+    message = {"role": role, "content": _content(fields.get("content"), role, where + ".content")}
+    name = fields.get("name")
+    if name is not None and not isinstance(name, str):
+        raise type_error(where + ".name", "a string", name)
+    return message if name is None else message | {"name": name}
+
+
+def _content(value: Any, role: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        if role == "assistant":  # an assistant turn may have no content
+            return ""
+        raise missing(where)
+    if not isinstance(value, list):
+        raise type_error(where, "a string or an array of content parts", value)
+    # vLLM's "string" content format: text parts joined by newlines.
+    return "\n".join(_text_part(part, f"{where}[{i}]") for i, part in enumerate(value))
+
+
+def _text_part(value: Any, where: str) -> str:
+    fields = Fields(value, where + ".", where)
+    if fields.get("type") != "text":
+        message = f"Unsupported content part type {fields.get('type')!r} in '{where}': "
+        raise invalid_request(message + "only 'text' parts are supported.", where + ".type")
+    text = fields.get("text")
+    if not isinstance(text, str):
+        raise type_error(where + ".text", "a string", text)
+    return text
+
+
+def _render_chat(
+    messages: list[dict[str, str]], ctx: ParseContext, add_generation_prompt: bool
+) -> list[int]:
+    try:
+        text = ctx.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt
+        )
+    except ChatTemplateError as err:
+        raise invalid_request(str(err), "messages", "chat_template_error") from None
+    # The template already holds the special tokens (BOS, role markers), as in vLLM.
+    return ctx.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _max_tokens(
+    requested: int | None,
+    prompt_len: int,
+    ctx: ParseContext,
+    kind: Kind,
+    default: int | None = None,
+) -> int:
+    """The request's max_tokens, or the default: `default`, else `ctx.default_max_tokens`, else
+    all the room left in the context; a default never exceeds the room."""
+    room = ctx.max_model_len - prompt_len
+    if requested is None:
+        if room < 1:
+            raise context_length_exceeded(ctx.max_model_len, prompt_len, None, kind)
+        cap = default if default is not None else ctx.default_max_tokens
+        return room if cap is None else min(room, cap)
+    if requested > room:
+        raise context_length_exceeded(ctx.max_model_len, prompt_len, requested, kind)
+    return requested
+
+
+def _request(
+    kind: Kind,
+    common: _Common,
+    prompt_ids: list[int],
+    max_tokens: int,
+    request_id: str | None,
+    created: int | None,
+) -> GenerationRequest:
+    try:
+        params = SamplingParams(max_tokens=max_tokens, **common.sampling)
+    except ValueError as err:  # unreachable after the checks above; kept as a 400, not a 500
+        raise invalid_request(str(err)) from None
+    prefix = "cmpl" if kind == "completion" else "chatcmpl"
+    return GenerationRequest(
+        request_id=request_id or f"{prefix}-{uuid.uuid4().hex}",
+        kind=kind,
+        model=common.model,
+        prompt_token_ids=prompt_ids,
+        params=params,
+        stop=common.stop,
+        stream=common.stream,
+        include_usage=common.include_usage,
+        return_token_ids=common.return_token_ids,
+        created=int(time.time()) if created is None else created,
+    )

@@ -1,0 +1,182 @@
+"""Response bodies of the OpenAI API: completions, chat, stream chunks, usage, models, SSE."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from disagg.services.gateway.openai.request import GenerationRequest
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens` are prompt tokens served from a prefix cache."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def _head(req: GenerationRequest, object_name: str) -> dict[str, Any]:
+    return {"id": req.request_id, "object": object_name, "created": req.created, "model": req.model}
+
+
+def _chunk_object(req: GenerationRequest) -> str:
+    return "text_completion" if req.kind == "completion" else "chat.completion.chunk"
+
+
+def completion_response(
+    req: GenerationRequest,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, Any],
+    token_ids: Sequence[int] = (),
+) -> dict[str, Any]:
+    """The non-streamed /v1/completions body (echoed prompt first when asked)."""
+    choice = {
+        "index": 0,
+        "text": (req.echo_prompt_text or "") + text,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if req.return_token_ids:  # vLLM puts both lists on the choice for completions
+        choice |= {"prompt_token_ids": list(req.prompt_token_ids), "token_ids": list(token_ids)}
+    return _head(req, "text_completion") | {"choices": [choice], "usage": usage}
+
+
+def chat_response(
+    req: GenerationRequest,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, Any],
+    token_ids: Sequence[int] = (),
+) -> dict[str, Any]:
+    """The non-streamed /v1/chat/completions body."""
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    body = _head(req, "chat.completion") | {"choices": [choice], "usage": usage}
+    if req.return_token_ids:  # vLLM: prompt ids at the top, generated ids on the choice
+        choice["token_ids"] = list(token_ids)
+        body["prompt_token_ids"] = list(req.prompt_token_ids)
+    return body
+
+
+def completion_chunk(
+    req: GenerationRequest,
+    text: str,
+    finish_reason: str | None = None,
+    token_ids: Sequence[int] = (),
+    *,
+    first: bool = False,
+) -> dict[str, Any]:
+    """One streamed /v1/completions chunk; the `first` one carries the echoed prompt and, with
+    return_token_ids, the prompt ids."""
+    echo = (req.echo_prompt_text or "") if first else ""
+    choice = {"index": 0, "text": echo + text, "logprobs": None, "finish_reason": finish_reason}
+    if req.return_token_ids:
+        if first:
+            choice["prompt_token_ids"] = list(req.prompt_token_ids)
+        choice["token_ids"] = list(token_ids)
+    return _chunk(req, choice)
+
+
+def chat_chunk(
+    req: GenerationRequest,
+    delta: str,
+    finish_reason: str | None = None,
+    token_ids: Sequence[int] = (),
+    *,
+    first: bool = False,
+) -> dict[str, Any]:
+    """One streamed chat chunk. The `first` one carries the role with the first content (and,
+    with return_token_ids, the prompt ids); a closing chunk with no text has an empty delta."""
+    message: dict[str, Any] = {"role": "assistant", "content": delta} if first else {}
+    if delta and not first:
+        message["content"] = delta
+    choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": finish_reason}
+    if req.return_token_ids:
+        choice["token_ids"] = list(token_ids)
+    chunk = _chunk(req, choice)
+    if req.return_token_ids and first:
+        chunk["prompt_token_ids"] = list(req.prompt_token_ids)
+    return chunk
+
+
+def _chunk(req: GenerationRequest, choice: dict[str, Any]) -> dict[str, Any]:
+    chunk = _head(req, _chunk_object(req)) | {"choices": [choice]}
+    if req.include_usage:  # OpenAI: every chunk has "usage": null except the last one
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(req: GenerationRequest, usage: dict[str, Any]) -> dict[str, Any]:
+    """The last chunk of a stream with include_usage: no choices, the usage."""
+    return _head(req, _chunk_object(req)) | {"choices": [], "usage": usage}
+
+
+def models_response(
+    names: Iterable[str], created: int, owned_by: str = "disagg", max_model_len: int | None = None
+) -> dict[str, Any]:
+    """The /v1/models body (vLLM adds `max_model_len` to each model)."""
+    extra = {} if max_model_len is None else {"max_model_len": max_model_len}
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": owned_by} | extra
+        for name in names
+    ]
+    return {"object": "list", "data": data}
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line (JSON never holds a raw newline)."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return b"data: " + text.encode() + b"\n\n"
+
+
+class StreamAssembler:
+    """Turns one request's text deltas into its stream chunks, in order.
+
+    It holds back content-less chunks (a delta whose text the detokenizer held back) and carries
+    their token ids into the next chunk, puts the role / prompt ids / echo on the first chunk
+    that goes out, and ends with the finish chunk and (include_usage) the usage chunk. The
+    caller frames each dict (`sse`, or JSON on NATS) and, over HTTP, sends `SSE_DONE` last.
+    """
+
+    def __init__(self, req: GenerationRequest) -> None:
+        self.req = req
+        self._first = True
+        self._pending_ids: list[int] = []
+        self._build = completion_chunk if req.kind == "completion" else chat_chunk
+
+    def delta(self, text: str, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+        """Chunks for newly generated text (none when `text` is empty)."""
+        self._pending_ids.extend(token_ids)
+        if not text:
+            return []
+        return [self._emit(text, None)]
+
+    def finish(
+        self,
+        finish_reason: str,
+        usage: dict[str, Any],
+        text: str = "",
+        token_ids: Sequence[int] = (),
+    ) -> list[dict[str, Any]]:
+        """The closing chunk (last text, if any, with the finish reason), then usage."""
+        self._pending_ids.extend(token_ids)
+        chunks = [self._emit(text, finish_reason)]
+        if self.req.include_usage:
+            chunks.append(usage_chunk(self.req, usage))
+        return chunks
+
+    def _emit(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        chunk = self._build(self.req, text, finish_reason, self._pending_ids, first=self._first)
+        self._first, self._pending_ids = False, []
+        return chunk

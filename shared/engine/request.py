@@ -1,0 +1,69 @@
+"""A request as the engine holds it, and what a step reports for it. No torch."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from disagg.shared.protocol.sampling import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (bad prompt, too long, duplicate id)."""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: int
+    output: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks committed
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to be run through the model before the next one can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[position] if position < n else self.output[position - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end)."""
+        return [self.token_at(p) for p in range(start, end)]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step did for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None  # set with finish_reason "error"
+    num_cached_tokens: int = 0
+
+    @property
+    def index(self) -> int:
+        """Position in the output of the first token in ``new_token_ids``."""
+        return self.num_output_tokens - len(self.new_token_ids)

@@ -1,0 +1,65 @@
+"""The model runner: lays a step's plan out as one forward batch, runs it, samples.
+
+It owns the per-request sampling state (seeded generators) and reads the plan's requests; it
+never changes scheduling state, which is the scheduler's to update from the sampled tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from disagg.shared.engine.kv_cache import KVCache
+from disagg.shared.engine.request import Request
+from disagg.shared.engine.sampler import make_generator, sample
+from disagg.shared.engine.scheduler import StepPlan
+from disagg.shared.model.batch import ForwardBatch
+from disagg.shared.model.llama import Transformer
+
+# Called for each layer of a step in which `completing` requests get their whole prompt cached.
+LayerCallback = Callable[[int, list[Request]], None]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
+        self.model, self.kv_cache = model, kv_cache
+        self._generators: dict[str, torch.Generator | None] = {}
+
+    def execute(self, plan: StepPlan, on_layer: LayerCallback | None = None) -> list[int]:
+        """Run ``plan``'s forward pass; return one token per ``plan.sampled`` request.
+
+        ``on_layer(i, completing)`` runs once layer i's K/V of every token is in the cache.
+        """
+        batch = self._batch(plan)
+        hook = None
+        if on_layer is not None and plan.completing:
+            hook = lambda layer: on_layer(layer, plan.completing)  # noqa: E731
+        logits = self.model(batch, self.kv_cache, layer_hook=hook)
+        sampled = plan.sampled
+        generators = [self._generator(r) for r in sampled]
+        return sample(logits, [r.params for r in sampled], generators)
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Drop the sampling state of requests that ended."""
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        if req.request_id not in self._generators:
+            self._generators[req.request_id] = make_generator(req.params)
+        return self._generators[req.request_id]
+
+    def _batch(self, plan: StepPlan) -> ForwardBatch:
+        prefills = [
+            (req.tokens(req.num_computed, req.num_computed + n), req.num_computed, req.block_table)
+            for req, n in plan.chunks
+        ]
+        completing = {id(r) for r in plan.completing}
+        decodes = [
+            (r.token_at(r.num_computed), r.num_computed, r.block_table) for r in plan.decodes
+        ]
+        wants_logits = [id(req) in completing for req, _ in plan.chunks]
+        return ForwardBatch.build(
+            prefills, decodes, self.kv_cache.block_size, wants_logits, device=self.kv_cache.device
+        )

@@ -1,0 +1,196 @@
+"""Every internal NATS message of disagg, one frozen struct each, with its bounds declared.
+
+Encode and decode them with ``disagg.shared.protocol.codec``. Nested values travel as maps:
+``SamplingParams``, ``TransferDescriptor`` and ``ErrorBody``. The public API (``disagg.v1.*``)
+is JSON and lives in the gateway; only its subject names are in ``subjects``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta
+
+from disagg.shared.protocol.codec import ErrorBody, Message
+from disagg.shared.protocol.descriptor import Fingerprint, TransferDescriptor
+from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.types import (
+    MAX_EXCLUDED,
+    MAX_TOKENS,
+    BlockSize,
+    Count,
+    FinishReason,
+    Hashes,
+    Id,
+    Prompt,
+    Role,
+    Seconds,
+    Text,
+    TokenIds,
+    WireDtype,
+)
+
+
+class Heartbeat(Message):
+    """A worker's state, published every second on ``Subjects.heartbeat``; the cluster table
+    (``disagg.shared.cluster``) keeps the latest one of every worker.
+
+    ``zmq_address`` is where the worker's KV receiver listens ("" when it has none).
+    ``prefix_hashes`` is a bounded summary of cached block hashes and may be empty.
+    ``prefill_tokens`` (prompt tokens computed), ``sampled_tokens`` and ``busy_s`` (seconds
+    spent in compute steps) are cumulative since the worker started: rates come from deltas.
+    """
+
+    worker_id: Id
+    role: Role
+    zmq_address: Annotated[str, Meta(max_length=256)]
+    model: Annotated[str, Meta(min_length=1, max_length=1024)]
+    fingerprint: Fingerprint
+    block_size: BlockSize
+    total_blocks: Count
+    free_blocks: Count
+    running: Count
+    waiting: Count
+    queued_prefill_tokens: Count
+    max_model_len: Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+    prefix_hashes: Hashes = []
+    sent_at: Seconds = 0.0  # unix time
+    draining: bool = False
+    prefill_tokens: Count = 0
+    sampled_tokens: Count = 0
+    busy_s: Seconds = 0.0
+
+    def __post_init__(self) -> None:
+        if self.free_blocks > self.total_blocks:
+            raise ValueError(
+                f"Heartbeat.free_blocks {self.free_blocks} > total_blocks {self.total_blocks}"
+            )
+
+
+class TransferReport(Message):
+    """A prefill worker's account of one KV transfer, published on ``Subjects.transfer_stats``.
+
+    Times are the sender's: ``seconds`` from the transfer's start to its done frame leaving,
+    ``exposed_seconds`` the part of that after the prompt's compute ended (not hidden by it).
+    """
+
+    request_id: Id
+    worker_id: Id
+    payload_bytes: Count
+    seconds: Seconds
+    exposed_seconds: Seconds
+    ok: bool
+
+
+class SchedulerStats(Message):
+    """A scheduler's rate matching, published every second on ``Subjects.scheduler_stats``.
+
+    ``held`` placements wait for decode KV room now. ``holds`` (placements ever held),
+    ``hold_timeouts`` (refused after ``max_hold_s``), ``hold_overflows`` (refused with the hold
+    queue full) and ``hold_seconds`` (time spent held, summed) are cumulative since this
+    scheduler started: several run in the queue group, so readers keep them per
+    ``scheduler_id``. ``decode_kv_usage`` counts placements not yet in the heartbeats (1.0 with
+    no decode worker). ``prefill_decode_ratio`` is the recommended number of prefill workers
+    per decode worker, None until both phases were measured.
+    """
+
+    scheduler_id: Id
+    held: Count
+    holds: Count
+    hold_timeouts: Count
+    hold_overflows: Count
+    hold_seconds: Seconds
+    max_hold_s: Seconds
+    decode_kv_usage: Annotated[float, Meta(ge=0.0, le=1.0)]
+    prefill_bound: bool
+    prefill_decode_ratio: Seconds | None = None
+
+
+class PlaceRequest(Message):
+    """Gateway -> scheduler: where should this request run? ``exclude``: workers to avoid.
+    ``prefix_hashes`` are the prompt's chained block hashes at ``hash_block_size`` tokens per
+    block; only workers with that block size can match them."""
+
+    request_id: Id
+    prompt_len: Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+    prefix_hashes: Hashes
+    exclude: Annotated[list[Id], Meta(max_length=MAX_EXCLUDED)]
+    hash_block_size: BlockSize
+
+
+class PlaceReply(Message):
+    """Scheduler -> gateway. ``prefill_id`` None: the decode worker prefills locally."""
+
+    request_id: Id
+    decode_id: Id
+    prefill_id: Id | None
+
+
+class AdmitRequest(Message):
+    """Gateway -> decode worker: reserve blocks for a request (``prefill_id`` None: prefill
+    locally). ``num_generated`` counts tokens already generated before a migration; they are
+    the tail of ``prompt``."""
+
+    request_id: Id
+    gateway_id: Id
+    prompt: Prompt
+    sampling: SamplingParams
+    prefill_id: Id | None
+    wire_dtype: WireDtype
+    num_generated: Count = 0
+
+
+class AdmitReply(Message):
+    """Decode worker -> gateway: where prefill pushes the KV (None when prefilling locally)."""
+
+    request_id: Id
+    transfer: TransferDescriptor | None
+
+
+class PrefillJob(Message):
+    """Gateway -> prefill worker: compute ``prompt`` and push its KV per ``transfer``."""
+
+    request_id: Id
+    gateway_id: Id
+    prompt: Prompt
+    sampling: SamplingParams
+    transfer: TransferDescriptor
+    decode_id: Id
+
+
+class JobReply(Message):
+    """Prefill worker -> gateway: the job was queued (False: refused, place it elsewhere)."""
+
+    request_id: Id
+    accepted: bool
+
+
+class AbortRequest(Message):
+    """Gateway -> worker: stop a request and free what it holds."""
+
+    request_id: Id
+    reason: Text
+
+
+class AbortReply(Message):
+    """Worker -> gateway: whether the worker knew the request."""
+
+    request_id: Id
+    found: bool
+
+
+class StreamChunk(Message):
+    """Worker -> gateway on ``Subjects.stream``: output tokens from position ``index`` on.
+
+    Chunks from prefill and decode may arrive out of order; the gateway reorders by ``index``.
+    A chunk with ``finish_reason`` set is the request's last from that worker.
+    """
+
+    request_id: Id
+    worker_id: Id
+    index: Count
+    token_ids: TokenIds
+    finish_reason: FinishReason | None
+    num_prompt_tokens: Count
+    num_cached_tokens: Count
+    error: ErrorBody | None = None
