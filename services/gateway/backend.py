@@ -56,6 +56,7 @@ __all__ = ["Backend", "BackendError", "Timeouts", "TokenEvent"]
 log = get_logger("disagg.gateway")
 WATCH_PERIOD_S = 0.25
 ABORT_TIMEOUT_S = 2.0
+PLACE_RETRY_S = 0.1  # first wait before asking again when no scheduler listens
 
 
 @dataclass(frozen=True)
@@ -318,9 +319,19 @@ class Backend:
             exclude=sorted(excluded),
             hash_block_size=block_size,
         )
-        return await self._call(
-            self.subjects.place, request, PlaceReply, self.timeouts.place_s, "scheduler"
-        )
+        # No scheduler listening (one restarting, or resubscribing after a NATS outage) is
+        # retried until the placement timeout; any other answer is final.
+        deadline = time.monotonic() + self.timeouts.place_s
+        backoff = PLACE_RETRY_S
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return await self._call(self.subjects.place, request, PlaceReply, left, "scheduler")
+            except BackendError as err:
+                if not err.gone or left <= backoff:
+                    raise
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 1.0)
 
     async def _call_worker(self, worker_id: str, subject: str, msg, reply_cls, timeout: float):
         """A request to one worker: a refusal, silence or its death meanwhile is a WorkerLost
