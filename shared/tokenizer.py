@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ class Tokenizer:
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
             raise CheckpointError(f"{path}: not a valid tokenizer ({err})") from None
         self.config = _read_config(folder / "tokenizer_config.json")
+        spec = json.loads(path.read_text())
+        self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        self._special = {t.get("content") for t in spec.get("added_tokens") or []}
         self.chat_template: str | None = self.config.get("chat_template")
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
@@ -46,6 +50,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE token may be part of a character)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level and piece not in self._special:
+            table = _unicode_to_byte()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
     def apply_chat_template(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
     ) -> str:
@@ -62,6 +77,20 @@ class Tokenizer:
             )
         except TemplateError as err:
             raise ChatTemplateError(f"chat template failed: {err}") from None
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode alphabet that byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _jinja() -> ImmutableSandboxedEnvironment:

@@ -40,7 +40,9 @@ def _hf_model(path: str, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, dtype=torch.float32) -> list[int]:
+def hf_greedy(
+    path: Path, prompt: list[int], max_new_tokens: int, dtype=torch.float32, **generate_kwargs
+) -> list[int]:
     """transformers' own greedy generation, one prompt at a time (no padding involved)."""
     model = _hf_model(str(path), dtype)
     with torch.no_grad():
@@ -49,6 +51,7 @@ def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, dtype=torch.fl
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            **generate_kwargs,
         )
     return out[0, len(prompt) :].tolist()
 

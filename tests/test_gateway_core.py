@@ -22,6 +22,7 @@ from disagg.services.gateway.openai.errors import (
     queue_full,
     service_unavailable,
 )
+from disagg.services.gateway.openai.logprobs import LogprobFormatter, merge
 from disagg.services.gateway.openai.parse import parse_chat, parse_completion
 from disagg.services.gateway.openai.request import GenerationRequest, ParseContext
 from disagg.services.gateway.openai.responses import (
@@ -36,7 +37,7 @@ from disagg.services.gateway.openai.responses import (
     usage,
     usage_chunk,
 )
-from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.sampling import Logprob, SamplingParams
 from disagg.shared.tokenizer import Tokenizer
 
 MAX_MODEL_LEN = 64
@@ -101,7 +102,7 @@ BAD_COMMON = [
     ("seed", 1.0, 400, "invalid_request_error"),
     ("stop", 5, 400, "invalid_request_error"),
     ("stop", ["a", 1], 400, "invalid_request_error"),
-    ("stop", ["a", "b", "c", "d", "e"], 400, "invalid_request_error"),
+    ("stop", [f"s{i}" for i in range(33)], 400, "invalid_request_error"),  # over the flag's 32
     ("stop", [""], 400, "invalid_request_error"),
     ("stop", ["x" * 201], 400, "invalid_request_error"),
     ("stop_token_ids", [384], 400, "invalid_request_error"),
@@ -119,9 +120,20 @@ BAD_COMMON = [
     ("stream_options", {"include_usage": True}, 400, "invalid_request_error"),
     ("return_token_ids", 1, 400, "invalid_request_error"),
     ("best_of", 2, 400, "invalid_request_error"),
-    ("logit_bias", {"1": 5}, 400, "invalid_request_error"),
-    ("presence_penalty", 0.5, 400, "invalid_request_error"),
+    ("logit_bias", {"x": 5}, 400, "invalid_request_error"),
+    ("logit_bias", {"384": 5}, 400, "invalid_request_error"),
+    ("logit_bias", [1], 400, "invalid_request_error"),
+    ("presence_penalty", 2.5, 400, "invalid_request_error"),
     ("frequency_penalty", False, 400, "invalid_request_error"),
+    ("repetition_penalty", 0, 400, "invalid_request_error"),
+    ("min_p", 1.5, 400, "invalid_request_error"),
+    ("min_tokens", -1, 400, "invalid_request_error"),
+    ("min_tokens", 99, 400, "invalid_request_error"),  # above max_tokens
+    ("allowed_token_ids", [], 400, "invalid_request_error"),
+    ("allowed_token_ids", [400], 400, "invalid_request_error"),
+    ("bad_words", [""], 400, "invalid_request_error"),
+    ("guided_grammar", "root ::= x", 400, "invalid_request_error"),
+    ("truncate_prompt_tokens", 5, 400, "invalid_request_error"),
     ("response_format", {"type": "json_object"}, 400, "invalid_request_error"),
     ("tools", [{"type": "function", "function": {"name": "f"}}], 400, "invalid_request_error"),
 ]
@@ -138,7 +150,8 @@ BAD_COMPLETION = [
     ("prompt", [True], "prompt"),
     ("prompt", [[1, "a"]], "prompt"),
     ("prompt", "a" * 501, "prompt"),
-    ("logprobs", 1, "logprobs"),
+    ("logprobs", 21, "logprobs"),
+    ("logprobs", True, "logprobs"),
     ("echo", "yes", "echo"),
     ("suffix", "end", "suffix"),
 ]
@@ -157,8 +170,9 @@ BAD_CHAT = [
     ("messages", [{"role": "user", "content": "x", "name": 3}], "messages[0].name"),
     ("messages", [{"role": "user", "content": "a" * 501}], "messages"),
     ("max_completion_tokens", 0, "max_completion_tokens"),
-    ("logprobs", True, "logprobs"),
-    ("top_logprobs", 2, "top_logprobs"),
+    ("logprobs", "yes", "logprobs"),
+    ("top_logprobs", 2, "top_logprobs"),  # without logprobs: true
+    ("top_logprobs", 21, "top_logprobs"),
     ("echo", True, "echo"),
     ("add_generation_prompt", "no", "add_generation_prompt"),
 ]
@@ -235,9 +249,6 @@ def test_model_not_found_message(ctx):
 NEUTRAL = {
     "logprobs": None,
     "best_of": 1,
-    "logit_bias": {},
-    "presence_penalty": 0,
-    "frequency_penalty": 0.0,
     "response_format": {"type": "text"},
     "tools": [],
     "tool_choice": "none",
@@ -296,6 +307,42 @@ def test_completion_parses_every_field(ctx, tok):
         "tiny",
     )
     assert req.echo_prompt_text == "The river"
+
+
+def test_sampling_controls_reach_the_workers_as_token_ids(ctx, tok):
+    body = completion_body(
+        max_tokens=8, min_p=0.05, presence_penalty=-0.5, frequency_penalty=1.25,
+        repetition_penalty=1.1, min_tokens=3, logit_bias={"17": -100, "5": 2.5},
+        allowed_token_ids=[5, 17, 40], bad_words=["river", " flow"],
+        stop=[f"s{i}" for i in range(20)],  # above OpenAI's 4: lm-eval sends more
+    )  # fmt: skip
+    params = parse_completion(body, ctx).params
+    assert (params.min_p, params.presence_penalty, params.frequency_penalty) == (0.05, -0.5, 1.25)
+    assert (params.repetition_penalty, params.min_tokens) == (1.1, 3)
+    assert params.logit_bias == ((17, -100.0), (5, 2.5))
+    assert params.allowed_token_ids == (5, 17, 40)
+    forms = {
+        tuple(tok.encode(t, add_special_tokens=False)) for t in ("river", " river", "flow", " flow")
+    }
+    assert set(params.bad_words_token_ids) == forms
+    with pytest.raises(APIError) as info:
+        parse_completion(completion_body(logit_bias={"5": 101}), ctx)
+    assert info.value.param == "logit_bias.5"
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk(ctx):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    req = make_request(ctx, stream=True, stream_options=options)
+    stream = StreamAssembler(req)
+    (first,) = stream.delta("Hel", [1, 2])
+    (second,) = stream.delta("lo", [3])
+    n = len(req.prompt_token_ids)
+    assert first["usage"] == {"prompt_tokens": n, "completion_tokens": 2, "total_tokens": n + 2}
+    assert second["usage"]["completion_tokens"] == 3
+    done, tail = stream.finish("stop", usage(n, 4), "", [4])
+    assert done["usage"]["completion_tokens"] == 4 and tail["usage"]["completion_tokens"] == 4
+    plain = StreamAssembler(make_request(ctx, stream=True, stream_options={"include_usage": True}))
+    assert plain.delta("x", [1])[0]["usage"] is None  # OpenAI: null until the last chunk
 
 
 def test_completion_defaults(ctx, tok):
@@ -733,3 +780,58 @@ def test_two_gateways_are_independent_and_forget_workers():
     a.forget_worker("never-seen")
     workers = {dict(labels).get("worker") for name, labels in samples(a) if "kv_blocks" in name}
     assert workers == {"d1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Logprobs: the OpenAI blocks from the workers' per-token values
+
+
+def test_logprobs_fields_parse_into_a_top_n_count(ctx):
+    assert parse_completion(completion_body(logprobs=3), ctx).params.logprobs == 3
+    assert parse_completion(completion_body(), ctx).params.logprobs is None
+    assert parse_chat(chat_body(logprobs=True), ctx).params.logprobs == 0
+    assert parse_chat(chat_body(logprobs=True, top_logprobs=5), ctx).params.logprobs == 5
+    assert parse_chat(chat_body(logprobs=False), ctx).params.logprobs is None
+    with pytest.raises(APIError) as info:  # prompt logprobs are not served yet: said so
+        parse_completion(completion_body(logprobs=1, echo=True), ctx)
+    assert info.value.param == "logprobs"
+
+
+def test_completion_logprobs_block(tok):
+    ids = tok.encode("héllo", add_special_tokens=False)
+    lps = [Logprob(-0.5 - i, ((ids[i], -0.5 - i), (7, -3.0))) for i in range(len(ids))]
+    fmt = LogprobFormatter(tok, "completion", text_offset=4)
+    first, rest = fmt.block(ids[:2], lps[:2]), fmt.block(ids[2:], lps[2:])
+    block = merge([first, rest])
+    texts = [fmt.token(t) for t in ids]
+    assert block["tokens"] == texts and block["token_logprobs"] == [lp.logprob for lp in lps]
+    offsets = [4 + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    assert block["text_offset"] == offsets  # running across chunks, after the echoed prompt
+    assert block["top_logprobs"][0] == {texts[0]: -0.5, fmt.token(7): -3.0}
+    # a token that is part of a character is written as its bytes, as vLLM does
+    partial = [t for t in ids if not tok.token_bytes(t).decode(errors="ignore")]
+    for t in partial:
+        assert fmt.token(t).startswith("bytes:\\x")
+
+
+def test_chat_logprobs_block_and_the_floor(tok):
+    ids = tok.encode("Hi", add_special_tokens=False)
+    lps = [Logprob(float("-inf"), ((ids[0], -0.1),))] + [Logprob(-1.0)] * (len(ids) - 1)
+    (entry, *_) = LogprobFormatter(tok, "chat").block(ids, lps)["content"]
+    assert entry["logprob"] == -9999.0  # -inf, as vLLM writes it
+    assert entry["bytes"] == list(tok.token_bytes(ids[0]))
+    assert entry["top_logprobs"] == [
+        {"token": entry["token"], "logprob": -0.1, "bytes": entry["bytes"]}
+    ]
+
+
+def test_stream_assembler_carries_logprobs_of_held_back_tokens(ctx):
+    req = make_request(ctx, stream=True, logprobs=True)
+    stream = StreamAssembler(req)
+    a = {"content": [{"token": "a"}]}
+    b = {"content": [{"token": "b"}]}
+    assert stream.delta("", [1], a) == []  # held back with its text
+    (chunk,) = stream.delta("ab", [2], b)
+    assert chunk["choices"][0]["logprobs"] == {"content": [{"token": "a"}, {"token": "b"}]}
+    done, *_ = stream.finish("stop", usage(3, 2))
+    assert done["choices"][0]["logprobs"] is None

@@ -18,6 +18,7 @@ from pathlib import Path
 import nats
 import openai
 import pytest
+import torch
 
 from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
 from tests.conftest import hf_greedy
@@ -182,6 +183,76 @@ def test_openai_client_end_to_end(request, model, stack):
         assert transfers >= 3
     else:
         assert transfers == 0
+
+
+def seeded_ids(up: Up, prompt: str, seed: int, **fields) -> list[int]:
+    resp = up.client().completions.create(
+        model=up.client().models.list().data[0].id, prompt=prompt, max_tokens=12,
+        temperature=1.0, seed=seed, extra_body={"return_token_ids": True, "ignore_eos": True,
+                                                **fields},
+    )  # fmt: skip
+    return resp.choices[0].token_ids
+
+
+SAMPLINGS = [
+    {},
+    {"top_k": 40, "top_p": 0.9},
+    {"min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.5},
+    {"repetition_penalty": 1.3, "top_p": 0.8},
+]
+
+
+def test_seeded_sampling_is_the_same_in_agg_and_disagg(disagg_stack, agg_stack):
+    prompt = "The market opened at seven."
+    for fields in SAMPLINGS:
+        draws = {seed: seeded_ids(agg_stack, prompt, seed, **fields) for seed in (1, 2, 3)}
+        for seed, ids in draws.items():  # the prefill worker draws token 0, decode the rest
+            assert seeded_ids(disagg_stack, prompt, seed, **fields) == ids, (fields, seed)
+        assert len({tuple(ids) for ids in draws.values()}) == 3, fields
+    assert_decode_pools_full(disagg_stack, "decode")
+    assert_decode_pools_full(agg_stack, "both")
+
+
+def hf_logprobs(model, prompt: list[int], output: list[int]) -> torch.Tensor:
+    from tests.conftest import _hf_model
+
+    with torch.no_grad():
+        logits = _hf_model(str(model), torch.float32)(torch.tensor([prompt + output])).logits
+    return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+
+
+@pytest.mark.parametrize("stack", ["disagg_stack", "agg_stack"])
+def test_logprobs_equal_transformers(request, model, stack):
+    up: Up = request.getfixturevalue(stack)
+    client = up.client()
+    resp = client.completions.create(
+        model=model.name, prompt="The market opened", max_tokens=6, temperature=0, logprobs=3,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )  # fmt: skip
+    choice = resp.choices[0]
+    ref = hf_logprobs(model, choice.prompt_token_ids, choice.token_ids)
+    block = choice.logprobs
+    assert len(block.token_logprobs) == len(choice.token_ids) == 6
+    for i, token in enumerate(choice.token_ids):  # token 0 is the prefill worker's (disagg)
+        assert block.token_logprobs[i] == pytest.approx(ref[i, token].item(), abs=1e-4)
+        assert sorted(block.top_logprobs[i].values(), reverse=True)[:3] == pytest.approx(
+            ref[i].topk(3).values.tolist(), abs=1e-4
+        )
+    assert block.text_offset[0] == 0 and len(block.tokens) == 6
+    chat = dict(model=model.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    whole = client.chat.completions.create(**chat).choices[0]
+    entries = whole.logprobs.content
+    assert len(entries) >= 1 and all(len(e.top_logprobs) == 2 for e in entries)
+    assert entries[0].top_logprobs[0].logprob >= entries[0].top_logprobs[1].logprob
+    streamed = [
+        e for c in client.chat.completions.create(**chat, stream=True)
+        if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]  # fmt: skip
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in entries
+    ]
+    assert_decode_pools_full(up, "decode" if stack == "disagg_stack" else "both")
 
 
 def test_streamed_completion_equals_transformers(disagg_stack, model):

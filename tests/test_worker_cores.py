@@ -121,3 +121,56 @@ def test_int8_wire_over_loopback_frees_every_block(checkpoints):
     assert all(d.wire_dtype == "int8" for d in descs)
     assert all(len(o) == 4 and o[0] == f for o, f in zip(outs, firsts))
     pair.assert_pools_full()
+
+
+def test_min_tokens_and_logit_bias_hold_on_both_sides_of_the_hand_off(checkpoints):
+    model = checkpoints(arch="llama")
+    pair = Pair(model)
+    eos = next(iter(pair.decode_rt.model.args.eos_token_ids))
+    # EOS is the argmax everywhere; min_tokens masks it on prefill (token 0) and decode (1, 2).
+    params = SamplingParams(max_tokens=10, min_tokens=3, logit_bias=((eos, 100.0),))
+    (out,), (first,), _ = pair.generate([[3, 1, 4, 1, 5]], params)
+    assert out[:3] == [first, *out[1:3]] and eos not in out[:3]
+    assert out[3:] == [eos]  # then it stops on EOS
+    pair.assert_pools_full()
+
+
+def hf_logprobs(model, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """transformers' log-softmax over the vocabulary at each output position [len(output), V]."""
+    from tests.conftest import _hf_model
+
+    hf = _hf_model(str(model), torch.float32)
+    ids = torch.tensor([prompt + output])
+    with torch.no_grad():
+        logits = hf(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_logprobs_cross_the_hand_off_and_equal_transformers(checkpoints):
+    model = checkpoints(arch="llama")
+    pair = Pair(model)
+    prompt = prompts_of((11,), seed=5)[0]
+    params = SamplingParams(max_tokens=6, logprobs=4)
+    rid = "lp"
+    desc = pair.decode.admit(rid, prompt, params, prefill_id="p")
+    pair.prefill.submit(PrefillJob(rid, prompt, params, desc))
+    tokens, logprobs, first = [], [], None
+    for _ in range(STEP_BOUND):
+        for result in pair.prefill.step() if pair.prefill.has_work() else []:
+            first = result.logprob  # what the prefill worker streams for token 0
+        outs = pair.decode.step()
+        for out in outs:
+            tokens += out.new_token_ids
+            logprobs += list(out.logprobs or ())
+        if any(o.finished for o in outs):
+            break
+    pair.settle()
+    assert len(logprobs) == len(tokens) == 6
+    assert logprobs[0] == first  # decode reports token 0 with the logprobs prefill shipped
+    ref = hf_logprobs(model, prompt, tokens)
+    for i, (token, lp) in enumerate(zip(tokens, logprobs)):
+        assert lp.logprob == pytest.approx(ref[i, token].item(), abs=1e-4)
+        top = ref[i].topk(4)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    pair.assert_pools_full()

@@ -24,6 +24,7 @@ class GatewayConfig:
     max_model_len: int | None = option(None, help="longest sequence (default: the model's)")
     max_concurrent_requests: int = option(256, help="requests in flight; beyond, 429")
     max_body_bytes: int = option(4 << 20, help="largest request body; beyond, 413")
+    max_stop_strings: int = option(32, help="stop strings one request may give (OpenAI: 4)")
     timeouts: Timeouts = group(Timeouts)
     migration_limit: int = option(3, help="moves of one request to new workers")
     drain_timeout_s: float = option(30.0, help="SIGTERM: finish requests within")
@@ -33,7 +34,8 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.id is not None:
             check_id("--id", self.id)
-        for name in ("max_concurrent_requests", "max_body_bytes", "drain_timeout_s"):
+        for name in ("max_concurrent_requests", "max_body_bytes", "drain_timeout_s",
+                     "max_stop_strings"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.migration_limit < 0:

@@ -5,6 +5,7 @@ bound, generation through the backend, detokenization with stop strings, and the
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from disagg.services.gateway.openai.errors import (
     queue_full,
     service_unavailable,
 )
+from disagg.services.gateway.openai.logprobs import LogprobFormatter, merge
 from disagg.services.gateway.openai.parse import parse_chat, parse_completion
 from disagg.services.gateway.openai.request import GenerationRequest, ParseContext
 from disagg.services.gateway.openai.responses import (
@@ -29,6 +31,7 @@ from disagg.services.gateway.openai.responses import (
     models_response,
 )
 from disagg.services.gateway.openai.responses import usage as usage_body
+from disagg.shared.protocol.sampling import Logprob
 
 
 @dataclass
@@ -37,6 +40,26 @@ class Finished:
     token_ids: list[int]
     finish_reason: str
     usage: dict[str, Any]
+    logprobs: dict[str, Any] | None = None  # the OpenAI block of `token_ids`
+
+
+class _Logprobs:
+    """The workers' logprobs, in token order, formatted as the detokenizer releases ids."""
+
+    def __init__(self, req: GenerationRequest, tokenizer) -> None:
+        self.fmt = None
+        if req.params.logprobs is not None:
+            self.fmt = LogprobFormatter(tokenizer, req.kind, len(req.echo_prompt_text or ""))
+        self.queue: deque[Logprob] = deque()
+
+    def add(self, logprobs: list[Logprob] | None) -> None:
+        if self.fmt is not None and logprobs:
+            self.queue.extend(logprobs)
+
+    def block(self, ids: list[int]) -> dict[str, Any] | None:
+        if self.fmt is None or not ids or len(self.queue) < len(ids):
+            return None
+        return self.fmt.block(ids, [self.queue.popleft() for _ in ids])
 
 
 class Slot:
@@ -99,7 +122,7 @@ class Gateway:
             async for item in events:
                 if isinstance(item, Finished):
                     for chunk in assembler.finish(
-                        item.finish_reason, item.usage, item.text, item.token_ids
+                        item.finish_reason, item.usage, item.text, item.token_ids, item.logprobs
                     ):
                         yield chunk
                 else:
@@ -109,27 +132,32 @@ class Gateway:
             await events.aclose()
 
     async def complete(self, req: GenerationRequest, slot: Slot) -> dict[str, Any]:
-        text, ids = [], []
+        text, ids, blocks = [], [], []
         async for item in self._events(req, slot):
             if isinstance(item, Finished):
                 build = completion_response if req.kind == "completion" else chat_response
+                blocks += [item.logprobs] if item.logprobs else []
                 return build(
                     req,
                     "".join(text) + item.text,
                     item.finish_reason,
                     item.usage,
                     ids + item.token_ids,
+                    merge(blocks),
                 )
             text.append(item[0])
             ids.extend(item[1])
+            blocks += [item[2]] if item[2] else []
         raise internal_error("the stream ended without a finish")
 
     async def _events(
         self, req: GenerationRequest, slot: Slot
-    ) -> AsyncIterator[tuple[str, list[int]] | Finished]:
-        """(text, ids) deltas, then one Finished; BackendError -> APIError. Releases `slot`."""
+    ) -> AsyncIterator[tuple[str, list[int], dict[str, Any] | None] | Finished]:
+        """(text, ids, logprobs block) deltas, then one Finished; BackendError -> APIError.
+        Releases `slot`."""
         start = last = time.monotonic()
         detok = StreamDetokenizer(self.ctx.tokenizer, req.stop, req.prompt_token_ids)
+        logprobs = _Logprobs(req, self.ctx.tokenizer)
         ids: list[int] = []
         reason, cached, served = "error", 0, False
         try:
@@ -142,18 +170,24 @@ class Gateway:
                 self._observe_tokens(len(ids), len(event.token_ids), now - start, now - last)
                 last = now
                 final_stop = self._ends_on_stop_token(req, event)
+                logprobs.add(event.logprobs)
                 delta = detok.push(event.token_ids, final_token_is_stop=final_stop)
                 ids += delta.token_ids
+                block = logprobs.block(delta.token_ids)
                 if delta.stopped or event.finish_reason is not None:
                     reason = "stop" if delta.stopped else event.finish_reason
                     tail = detok.flush()
                     usage = usage_body(req.prompt_len, len(ids), cached)
                     yield Finished(
-                        delta.text + tail.text, delta.token_ids + tail.token_ids, reason, usage
+                        delta.text + tail.text,
+                        delta.token_ids + tail.token_ids,
+                        reason,
+                        usage,
+                        block,
                     )
                     return
                 if delta.text or delta.token_ids:
-                    yield delta.text, delta.token_ids
+                    yield delta.text, delta.token_ids, block
         except BackendError as err:
             raise _api_error(err) from None
         finally:

@@ -91,12 +91,13 @@ class Progress:
         return self.prompt + self.generated
 
     def attempt_params(self) -> SamplingParams:
-        """Sampling of the current attempt: max_tokens shrunk by what was generated.
-
-        A seeded sampled request restarts its generator here: only greedy output is the same
-        as an uninterrupted run.
-        """
-        return self.params.replace(max_tokens=self.remaining_tokens)
+        """Sampling of the current attempt: max_tokens shrunk by what was generated, and the
+        output position it starts at, so seeded draws, penalties and ``min_tokens`` go on as
+        in an uninterrupted run."""
+        return self.params.replace(
+            max_tokens=self.remaining_tokens,
+            output_offset=self.params.output_offset + len(self.generated),
+        )
 
     def move(self, lost: WorkerLost, limit: int) -> None:
         """Count one move away from `lost.suspects`; BackendError (503) once past `limit`."""

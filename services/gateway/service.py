@@ -36,6 +36,7 @@ def build_context(cfg: GatewayConfig) -> tuple[ParseContext, frozenset[int]]:
         tokenizer=tokenizer,
         max_model_len=max_len,
         vocab_size=min(tokenizer.vocab_size, model_args.vocab_size),
+        max_stop_strings=cfg.max_stop_strings,
     )
     return ctx, frozenset(model_args.eos_token_ids)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from disagg.services.gateway.migration import RETRYABLE_STATUS, BackendError, WorkerLost
 from disagg.shared.protocol.messages import StreamChunk
+from disagg.shared.protocol.sampling import Logprob
 
 STREAM_QUEUE = 4096  # chunks buffered per request; beyond, the client is too slow: it fails
 
@@ -25,6 +26,7 @@ class TokenEvent:
     finish_reason: str | None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    logprobs: list[Logprob] | None = None  # one per token, when the request asked
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class AttemptStream:
     decoding: bool = False  # the decode worker has sent its first chunk
     decode_next: int = 0  # index the decode worker's next chunk must start at
     tokens: dict[int, int] = field(default_factory=dict)
+    logprobs: dict[int, Logprob] = field(default_factory=dict)
     next_index: int = 0
     final_len: int | None = None
     finish_reason: str | None = None
@@ -69,19 +72,24 @@ class AttemptStream:
         for i, token in enumerate(chunk.token_ids):
             if chunk.index + i >= self.next_index:
                 self.tokens[chunk.index + i] = token
+                if chunk.logprobs is not None:
+                    self.logprobs[chunk.index + i] = chunk.logprobs[i]
         if chunk.finish_reason is not None:
             self.final_len = chunk.index + len(chunk.token_ids)
             self.finish_reason = chunk.finish_reason
         self.num_prompt_tokens = max(self.num_prompt_tokens, chunk.num_prompt_tokens)
         # Prefill reports its own cache hits, decode the prefix it did not need shipped.
         self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
-        ready = []
+        ready, logprobs = [], []
         while self.next_index in self.tokens:
             ready.append(self.tokens.pop(self.next_index))
+            if (logprob := self.logprobs.pop(self.next_index, None)) is not None:
+                logprobs.append(logprob)
             self.next_index += 1
         done = self.final_len is not None and self.next_index >= self.final_len
         reason = self.finish_reason if done else None
-        return TokenEvent(ready, reason, self.num_prompt_tokens, self.num_cached_tokens)
+        aligned = logprobs if ready and len(logprobs) == len(ready) else None
+        return TokenEvent(ready, reason, self.num_prompt_tokens, self.num_cached_tokens, aligned)
 
     def _check_contiguous(self, chunk: StreamChunk) -> None:
         # One publisher's messages arrive in order: a skipped index means lost chunks.

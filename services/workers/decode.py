@@ -213,6 +213,7 @@ class DecodeWorker:
                 pending.block_ids,
                 pending.params,
                 num_cached_tokens=len(pending.cached_blocks) * self.pool.block_size,
+                first_logprob=result.first_logprob,
             )
         except RequestError as err:
             self.pool.free(pending.block_ids)

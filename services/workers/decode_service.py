@@ -119,4 +119,5 @@ class DecodeService(WorkerService):
             num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
             error=error,
+            logprobs=out.logprobs,
         )

@@ -25,7 +25,7 @@ from disagg.shared.engine.request import Request, RequestError
 from disagg.shared.log import get_logger
 from disagg.shared.protocol.descriptor import TransferDescriptor
 from disagg.shared.protocol.kv_wire import TransferError
-from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.sampling import Logprob, SamplingParams
 from disagg.shared.transfer.sender import SendHandle, TransferStats
 
 log = get_logger("disagg.prefill")
@@ -59,6 +59,7 @@ class PrefillResult:
     first_token: int | None
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens this worker found in its prefix cache
+    logprob: Logprob | None = None  # of the first token, when the request asks
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ class PrefillWorker:
             )
         if self.queued_prefill_tokens + len(job.prompt) > self.max_queued_tokens:
             raise QueueFullError(f"{self.queued_prefill_tokens} prefill tokens already queued")
-        # One token here; the decode worker generates the rest. EOS is decode's to judge.
-        params = job.params.replace(max_tokens=1, ignore_eos=True, stop_token_ids=())
+        # One token here; the decode worker generates the rest and judges every stop, the first
+        # token's included. The sampling fields stay whole: min_tokens masks EOS here too.
+        params = job.params.replace(max_tokens=1)
         self.engine.add_request(job.request_id, job.prompt, params)
         self._jobs[job.request_id] = job
 
@@ -126,12 +128,15 @@ class PrefillWorker:
             job = self._jobs.pop(out.request_id, None)
             if job is None:  # aborted by us: nothing to report
                 continue
-            result = self._complete(job, out.new_token_ids, out.finish_reason)
+            logprob = out.logprobs[0] if out.logprobs else None
+            result = self._complete(job, out.new_token_ids, out.finish_reason, logprob)
             results.append(replace(result, num_cached_tokens=out.num_cached_tokens))
         self._retire_finished()
         return results
 
-    def _complete(self, job: PrefillJob, tokens: list[int], reason: str | None) -> PrefillResult:
+    def _complete(
+        self, job: PrefillJob, tokens: list[int], reason: str | None, logprob: Logprob | None
+    ) -> PrefillResult:
         error = self._failed.pop(job.request_id, None)
         handle = self._handles.get(job.request_id)
         if error is None and (not tokens or handle is None):
@@ -140,11 +145,11 @@ class PrefillWorker:
             self._drop_handle(job.request_id, error)
             return PrefillResult(job.request_id, None, error)
         try:
-            handle.finish(tokens[0])
+            handle.finish(tokens[0], logprob)
         except TransferError as err:
             self._drop_handle(job.request_id, str(err))
             return PrefillResult(job.request_id, None, str(err))
-        return PrefillResult(job.request_id, tokens[0])
+        return PrefillResult(job.request_id, tokens[0], logprob=logprob)
 
     def _drop_handle(self, request_id: str, error: str) -> None:
         handle = self._handles.pop(request_id, None)

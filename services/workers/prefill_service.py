@@ -90,4 +90,5 @@ class PrefillService(WorkerService):
             num_prompt_tokens=0,
             num_cached_tokens=result.num_cached_tokens,
             error=error,
+            logprobs=None if result.logprob is None else (result.logprob,),
         )

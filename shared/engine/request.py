@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.sampling import Logprob, SamplingParams
 
 
 class RequestError(ValueError):
@@ -62,6 +62,7 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None  # set with finish_reason "error"
     num_cached_tokens: int = 0
+    logprobs: tuple[Logprob, ...] | None = None  # one per new token, when the request asks
 
     @property
     def index(self) -> int:

@@ -1,21 +1,20 @@
 """The model runner: lays a step's plan out as one forward batch, runs it, samples.
 
-It owns the per-request sampling state (seeded generators) and reads the plan's requests; it
-never changes scheduling state, which is the scheduler's to update from the sampled tokens.
+It owns the per-request sampling state (seeds, penalty counts) and reads the plan's requests;
+it never changes scheduling state, which is the scheduler's to update from the sampled tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-import torch
-
 from disagg.shared.engine.kv_cache import KVCache
 from disagg.shared.engine.request import Request
-from disagg.shared.engine.sampler import make_generator, sample
+from disagg.shared.engine.sampler import Row, SeqState, sample
 from disagg.shared.engine.scheduler import StepPlan
 from disagg.shared.model.batch import ForwardBatch
 from disagg.shared.model.llama import Transformer
+from disagg.shared.protocol.sampling import Logprob
 
 # Called for each layer of a step in which `completing` requests get their whole prompt cached.
 LayerCallback = Callable[[int, list[Request]], None]
@@ -24,10 +23,13 @@ LayerCallback = Callable[[int, list[Request]], None]
 class ModelRunner:
     def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
         self.model, self.kv_cache = model, kv_cache
-        self._generators: dict[str, torch.Generator | None] = {}
+        self.eos_ids = frozenset(model.args.eos_token_ids)
+        self._states: dict[str, SeqState] = {}
+        self.last_logprobs: list[Logprob | None] = []
 
     def execute(self, plan: StepPlan, on_layer: LayerCallback | None = None) -> list[int]:
-        """Run ``plan``'s forward pass; return one token per ``plan.sampled`` request.
+        """Run ``plan``'s forward pass; return one token per ``plan.sampled`` request (their
+        logprobs, where asked, in ``last_logprobs``).
 
         ``on_layer(i, completing)`` runs once layer i's K/V of every token is in the cache.
         """
@@ -36,19 +38,23 @@ class ModelRunner:
         if on_layer is not None and plan.completing:
             hook = lambda layer: on_layer(layer, plan.completing)  # noqa: E731
         logits = self.model(batch, self.kv_cache, layer_hook=hook)
-        sampled = plan.sampled
-        generators = [self._generator(r) for r in sampled]
-        return sample(logits, [r.params for r in sampled], generators)
+        rows = [Row(self._state(r), r.output) for r in plan.sampled]
+        tokens, self.last_logprobs = sample(logits, rows, self.eos_ids)
+        return tokens
 
     def forget(self, request_ids: Iterable[str]) -> None:
         """Drop the sampling state of requests that ended."""
         for request_id in request_ids:
-            self._generators.pop(request_id, None)
+            self._states.pop(request_id, None)
 
-    def _generator(self, req: Request) -> torch.Generator | None:
-        if req.request_id not in self._generators:
-            self._generators[req.request_id] = make_generator(req.params)
-        return self._generators[req.request_id]
+    def _state(self, req: Request) -> SeqState:
+        state = self._states.get(req.request_id)
+        if state is None:
+            state = SeqState.new(req.params, req.prompt, self.model.args.vocab_size)
+            for token in req.output:  # a prefilled request joins with its first token
+                state.observe(token)
+            self._states[req.request_id] = state
+        return state
 
     def _batch(self, plan: StepPlan) -> ForwardBatch:
         prefills = [

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from disagg.shared.config import option
 from disagg.shared.engine.block_pool import BlockPool, hash_block_tokens, prefix_block_hashes
 from disagg.shared.engine.request import Request, RequestError, RequestOutput, Status
-from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.sampling import Logprob, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class Scheduler:
         block_ids: list[int],
         params: SamplingParams,
         num_cached_tokens: int = 0,
+        first_logprob: Logprob | None = None,
     ) -> None:
         """Join the batch with the prompt's K/V already in ``block_ids`` (from a prefill worker).
 
@@ -128,7 +129,7 @@ class Scheduler:
         req.status = Status.RUNNING
         self.running.append(req)
         self._append_token(req, first_token)
-        self._pending_outputs.append(self._output(req, [first_token]))
+        self._pending_outputs.append(self._output(req, [first_token], first_logprob))
 
     def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Request:
         if request_id in self.requests:
@@ -218,9 +219,12 @@ class Scheduler:
         if n == req.num_pending:
             plan.completing.append(req)
 
-    def update(self, plan: StepPlan, tokens: list[int]) -> list[RequestOutput]:
-        """The step ran: its tokens' K/V are cached, ``tokens`` were sampled for
-        ``plan.sampled`` (in that order). Returns an output per request that got a token."""
+    def update(
+        self, plan: StepPlan, tokens: list[int], logprobs: list[Logprob | None] | None = None
+    ) -> list[RequestOutput]:
+        """The step ran: its tokens' K/V are cached, ``tokens`` (and their ``logprobs``, where
+        asked) were sampled for ``plan.sampled`` (in that order). Returns an output per request
+        that got a token."""
         for req, n in plan.chunks:
             req.num_computed += n
             self._commit_full_blocks(req)
@@ -230,9 +234,10 @@ class Scheduler:
             self._commit_full_blocks(req)
         self.num_tokens_sampled += len(tokens)
         outputs = []
-        for req, token in zip(plan.sampled, tokens, strict=True):
+        logprobs = logprobs or [None] * len(tokens)
+        for req, token, logprob in zip(plan.sampled, tokens, logprobs, strict=True):
             self._append_token(req, token)
-            outputs.append(self._output(req, [token]))
+            outputs.append(self._output(req, [token], logprob))
         return outputs
 
     # -- blocks -----------------------------------------------------------------------------
@@ -331,7 +336,7 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
 
     @staticmethod
-    def _output(req: Request, tokens: list[int]) -> RequestOutput:
+    def _output(req: Request, tokens: list[int], logprob: Logprob | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=tokens,
@@ -340,4 +345,5 @@ class Scheduler:
             num_prompt_tokens=len(req.prompt),
             num_output_tokens=len(req.output),
             num_cached_tokens=req.num_cached_tokens,
+            logprobs=None if logprob is None else (logprob,),
         )

@@ -13,7 +13,7 @@ Every message is one ZeroMQ multipart message (delivered whole or not at all):
     every frame: v (=1), tid, tok, kind ("layer" | "done")
     layer:       layer, chunk, nchunks, first_block, nblocks, dtype, shape, nbytes,
                  scales_nbytes (set iff dtype is int8)
-    done:        first_token, fingerprint
+    done:        first_token, fingerprint, first_logprob (or none)
 
 A layer is split along the block dimension into ``nchunks`` chunks; chunk ``c`` covers the
 descriptor's block list ``[first_block, first_block + nblocks)``. Chunks of a layer arrive in
@@ -40,6 +40,7 @@ from disagg.shared.protocol.descriptor import (
     MAX_LAYERS,
     Secret,
 )
+from disagg.shared.protocol.sampling import Logprob
 from disagg.shared.protocol.types import WIRE_ITEMSIZE, TokenId, WireDtype
 
 PROTOCOL_VERSION = 1
@@ -110,6 +111,7 @@ class DoneHeader(_Header, frozen=True, tag="done"):
 
     first_token: TokenId
     fingerprint: Annotated[str, Meta(max_length=MAX_FINGERPRINT_LEN)]
+    first_logprob: Logprob | None = None  # when the request asks for logprobs
 
 
 class _Identity(msgspec.Struct, frozen=True, rename={"transfer_id": "tid", "token": "tok"}):

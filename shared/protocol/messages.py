@@ -13,7 +13,7 @@ from msgspec import Meta
 
 from disagg.shared.protocol.codec import ErrorBody, Message
 from disagg.shared.protocol.descriptor import Fingerprint, TransferDescriptor
-from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.sampling import Logprob, SamplingParams
 from disagg.shared.protocol.types import (
     MAX_EXCLUDED,
     MAX_TOKENS,
@@ -194,3 +194,8 @@ class StreamChunk(Message):
     num_prompt_tokens: Count
     num_cached_tokens: Count
     error: ErrorBody | None = None
+    logprobs: Annotated[tuple[Logprob, ...], Meta(max_length=MAX_TOKENS)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
+            raise ValueError("logprobs: one entry per token id")

@@ -37,6 +37,7 @@ from disagg.shared.protocol.kv_wire import (
     read_identity,
     same_secret,
 )
+from disagg.shared.protocol.sampling import Logprob
 from disagg.shared.transfer.layout import CACHE_DTYPES, WIRE_DTYPES, check_cache_layout
 
 _RECENT_IDS = 4096  # finished ids remembered so late frames count as closed, not unknown
@@ -55,6 +56,7 @@ class TransferResult:
     wall_s: float
     completed_at: float
     error: str | None = None
+    first_logprob: Logprob | None = None
 
 
 class _Inbound:
@@ -236,7 +238,7 @@ class ReceiverCore:
             check_payloads(header, payloads)
             if isinstance(header, DoneHeader):
                 inbound.check_done(header)
-                self._finish_locked(inbound, header.first_token, None)
+                self._finish_locked(inbound, header.first_token, None, header.first_logprob)
             else:
                 inbound.check_layer(header)
                 inbound.write(header, payloads)
@@ -247,7 +249,13 @@ class ReceiverCore:
             self._drop_locked(inbound.desc.transfer_id, FrameError("write_error", repr(exc)))
             self._finish_locked(inbound, None, f"write_error: {exc!r}")
 
-    def _finish_locked(self, inbound: _Inbound, first_token: int | None, error: str | None) -> None:
+    def _finish_locked(
+        self,
+        inbound: _Inbound,
+        first_token: int | None,
+        error: str | None,
+        first_logprob: Logprob | None = None,
+    ) -> None:
         self._end_locked(inbound.desc.transfer_id)
         now = time.monotonic()
         result = TransferResult(
@@ -258,6 +266,7 @@ class ReceiverCore:
             wall_s=now - inbound.expected_at,
             completed_at=now,
             error=error,
+            first_logprob=first_logprob,
         )
         self._results.append(result)
         self._results_ready.notify_all()

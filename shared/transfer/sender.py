@@ -30,6 +30,7 @@ from disagg.shared.protocol.kv_wire import (
     TransferError,
     same_secret,
 )
+from disagg.shared.protocol.sampling import Logprob
 from disagg.shared.protocol.types import MAX_TOKEN_ID
 from disagg.shared.transfer.layout import WIRE_DTYPES, check_cache_layout
 
@@ -216,8 +217,9 @@ class SendHandle:
         self._next_layer += 1
         self.stats.layer_enqueued_at[layer] = time.perf_counter()
 
-    def finish(self, first_token: int) -> None:
-        """Queue the done frame carrying the first sampled token; all layers must be sent."""
+    def finish(self, first_token: int, first_logprob: Logprob | None = None) -> None:
+        """Queue the done frame carrying the first sampled token (and its logprobs, when the
+        request asks: the decode worker reports token 0 too); all layers must be sent."""
         self._check_open()
         if self._next_layer != self.desc.num_layers:
             raise TransferError(f"finish after {self._next_layer}/{self.desc.num_layers} layers")
@@ -229,6 +231,7 @@ class SendHandle:
             token=self.desc.token,
             first_token=first_token,
             fingerprint=self._core.fingerprint,
+            first_logprob=first_logprob,
         ).encode()
         self._finished = True
         try:

@@ -104,12 +104,6 @@ def is_off(value: Any) -> bool:
 # Parameters that are accepted only at their neutral value (which is also their default).
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "best_of": lambda v: v is None or (is_int(v) and v == 1),
-    "logit_bias": lambda v: v is None or v == {},
-    "presence_penalty": lambda v: v is None or is_zero(v),
-    "frequency_penalty": lambda v: v is None or is_zero(v),
-    "repetition_penalty": lambda v: v is None or (is_number(v) and v == 1),
-    "min_p": lambda v: v is None or is_zero(v),
-    "min_tokens": lambda v: v is None or is_zero(v),
     "use_beam_search": is_off,
     "include_stop_str_in_output": is_off,
     "skip_special_tokens": lambda v: v is None or v is True,
@@ -123,18 +117,19 @@ NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "guided_regex": lambda v: v is None,
     "guided_choice": lambda v: v is None,
     "structured_outputs": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "truncate_prompt_tokens": lambda v: v is None,
 }
 COMPLETION_NEUTRAL = NEUTRAL | {
-    "logprobs": lambda v: v is None,
     "suffix": lambda v: v is None or v == "",
+    "add_special_tokens": lambda v: v is None or v is True,
 }
 CHAT_NEUTRAL = NEUTRAL | {
-    "logprobs": is_off,
-    "top_logprobs": lambda v: v is None or is_zero(v),
     "echo": is_off,
     "continue_final_message": is_off,
     "chat_template": lambda v: v is None,
     "chat_template_kwargs": lambda v: v is None or v == {},
+    "add_special_tokens": is_off,
 }
 
 

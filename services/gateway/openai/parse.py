@@ -1,9 +1,10 @@
 """Validation of /v1/completions and /v1/chat/completions bodies into ``GenerationRequest``s.
 
-What is served: one prompt, one choice (n=1) per request. Sampling is temperature / top-p /
-top-k / seed only: parameters that would change the output and are not implemented (logprobs,
-penalties, logit_bias, tools, response_format, ...) are refused with a 400 unless they hold
-their neutral value, rather than silently ignored. Unknown fields are ignored, as vLLM does.
+What is served: one prompt, one choice (n=1) per request, with vLLM's sampling parameters
+(temperature, top-p, top-k, min-p, seed, penalties, logit_bias, allowed_token_ids, bad_words,
+min_tokens). Parameters that would change the output and are not implemented (logprobs, tools,
+response_format, ...) are refused with a 400 unless they hold their neutral value, rather than
+silently ignored. Unknown fields are ignored, as vLLM does.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from disagg.services.gateway.openai.fields import (
     COMPLETION_NEUTRAL,
     Fields,
     check_unsupported,
-    is_int,
     missing,
     type_error,
     unsupported,
@@ -33,13 +33,17 @@ from disagg.services.gateway.openai.fields import (
 from disagg.services.gateway.openai.request import (
     COMPLETION_DEFAULT_MAX_TOKENS,
     ROLES,
-    SEED_MAX,
-    SEED_MIN,
     GenerationRequest,
     Kind,
     ParseContext,
 )
-from disagg.shared.protocol.sampling import SamplingParams
+from disagg.services.gateway.openai.sampling import (
+    chat_logprobs,
+    processor_fields,
+    sampling_fields,
+    token_ids,
+)
+from disagg.shared.protocol.sampling import MAX_LOGPROBS, SamplingParams
 from disagg.shared.tokenizer import ChatTemplateError
 
 
@@ -52,6 +56,7 @@ class _Common:
     stop: list[str]
     stream: bool
     include_usage: bool
+    continuous_usage: bool
     return_token_ids: bool
 
 
@@ -62,6 +67,10 @@ def parse_completion(
     fields = Fields(body)
     common = _parse_common(fields, ctx, COMPLETION_NEUTRAL)
     echo = fields.boolean("echo", False)
+    logprobs = fields.integer("logprobs", 0, MAX_LOGPROBS)
+    if echo and logprobs is not None:
+        raise unsupported("logprobs", "with echo (prompt logprobs) is not supported yet")
+    common.sampling["logprobs"] = logprobs
     requested = fields.integer("max_tokens", 1)
     prompt_ids, prompt_text = _completion_prompt(fields.get("prompt"), ctx)
     max_tokens = _max_tokens(
@@ -81,6 +90,7 @@ def parse_chat(
     # max_completion_tokens replaced max_tokens in OpenAI's API; it wins when both are given.
     legacy = fields.integer("max_tokens", 1)
     requested = fields.integer("max_completion_tokens", 1) or legacy
+    common.sampling["logprobs"] = chat_logprobs(fields)
     add_generation_prompt = fields.boolean("add_generation_prompt", True)
     messages = _messages(fields.get("messages"), ctx)
     prompt_ids = _render_chat(messages, ctx, add_generation_prompt)
@@ -95,13 +105,14 @@ def _parse_common(
     check_unsupported(fields, neutral)
     if fields.integer("n", 1) not in (None, 1):
         raise unsupported("n", "must be 1: this server returns one choice per request")
-    stream, include_usage = _stream(fields)
+    stream, include_usage, continuous_usage = _stream(fields)
     return _Common(
         model=model,
-        sampling=_sampling(fields, ctx),
+        sampling=sampling_fields(fields, ctx) | processor_fields(fields, ctx),
         stop=_stop(fields.get("stop"), ctx),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
         return_token_ids=fields.boolean("return_token_ids", False),
     )
 
@@ -116,32 +127,17 @@ def _model(value: Any, ctx: ParseContext) -> str:
     return value
 
 
-def _stream(fields: Fields) -> tuple[bool, bool]:
-    """(stream, include_usage)."""
+def _stream(fields: Fields) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage_stats)."""
     stream = fields.boolean("stream", False)
     if fields.get("stream_options") is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         message = "The 'stream_options' parameter is only allowed when 'stream' is enabled."
         raise invalid_request(message, "stream_options", "invalid_value")
     options = Fields(fields.get("stream_options"), "stream_options.", "stream_options")
-    if options.boolean("continuous_usage_stats", False):
-        raise unsupported("stream_options.continuous_usage_stats")
-    return True, options.boolean("include_usage", False)
-
-
-def _sampling(fields: Fields, ctx: ParseContext) -> dict[str, Any]:
-    temperature = fields.number("temperature", 0.0, 2.0)
-    top_p = fields.number("top_p", 0.0, 1.0, open_lo=True)
-    top_k = fields.integer("top_k", -1)
-    return {
-        "temperature": ctx.default_temperature if temperature is None else temperature,
-        "top_p": 1.0 if top_p is None else top_p,
-        "top_k": 0 if top_k in (None, -1) else top_k,  # -1 and 0 both mean off
-        "seed": fields.integer("seed", SEED_MIN, SEED_MAX),
-        "stop_token_ids": _stop_token_ids(fields.get("stop_token_ids"), ctx),
-        "ignore_eos": fields.boolean("ignore_eos", False),
-    }
+    continuous = options.boolean("continuous_usage_stats", False)
+    return True, options.boolean("include_usage", False), continuous
 
 
 def _stop(value: Any, ctx: ParseContext) -> list[str]:
@@ -158,31 +154,6 @@ def _stop(value: Any, ctx: ParseContext) -> list[str]:
             expected = f"stop sequences of 1 to {ctx.max_stop_chars} characters"
             raise value_error("stop", expected, f"one of {len(stop)} characters")
     return list(dict.fromkeys(stops))
-
-
-def _stop_token_ids(value: Any, ctx: ParseContext) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise type_error("stop_token_ids", "an array of integers", value)
-    if len(value) > ctx.max_stop_token_ids:
-        expected = f"at most {ctx.max_stop_token_ids} token ids"
-        raise value_error("stop_token_ids", expected, f"{len(value)} ids")
-    return tuple(_token_ids(value, "stop_token_ids", ctx))
-
-
-def _token_ids(values: list[Any], param: str, ctx: ParseContext) -> list[int]:
-    limit = ctx.token_limit
-    for value in values:
-        if not is_int(value):
-            raise type_error(param, "an array of integers", value)
-        if not 0 <= value < limit:
-            raise invalid_request(
-                f"Token id {value} is out of vocabulary (ids are 0 to {limit - 1}).",
-                param,
-                "invalid_value",
-            )
-    return list(values)
 
 
 def _completion_prompt(value: Any, ctx: ParseContext) -> tuple[list[int], str]:
@@ -204,7 +175,7 @@ def _completion_prompt(value: Any, ctx: ParseContext) -> tuple[list[int], str]:
         raise invalid_request(message, "prompt", "unsupported")
     if not value:
         raise invalid_request("The prompt must not be empty.", "prompt", "empty_prompt")
-    ids = _token_ids(value, "prompt", ctx)
+    ids = token_ids(value, "prompt", ctx)
     return ids, ctx.tokenizer.decode(ids)
 
 
@@ -314,6 +285,10 @@ def _request(
     request_id: str | None,
     created: int | None,
 ) -> GenerationRequest:
+    if common.sampling["min_tokens"] > max_tokens:
+        raise value_error(
+            "min_tokens", f"at most max_tokens ({max_tokens})", common.sampling["min_tokens"]
+        )
     try:
         params = SamplingParams(max_tokens=max_tokens, **common.sampling)
     except ValueError as err:  # unreachable after the checks above; kept as a 400, not a 500
@@ -328,6 +303,7 @@ def _request(
         stop=common.stop,
         stream=common.stream,
         include_usage=common.include_usage,
+        continuous_usage=common.continuous_usage,
         return_token_ids=common.return_token_ids,
         created=int(time.time()) if created is None else created,
     )

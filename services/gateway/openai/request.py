@@ -24,8 +24,8 @@ class ParseContext:
     padded embedding's extra rows). `default_max_tokens` None fills the context window when a
     chat request gives no max_tokens (vLLM's policy); an int caps that. A completion request
     without max_tokens gets OpenAI's 16. `default_temperature` is
-    OpenAI's 1.0 unless the model's generation_config says otherwise. `max_stop_strings` is
-    OpenAI's limit of 4.
+    OpenAI's 1.0 unless the model's generation_config says otherwise. `max_stop_strings` bounds
+    the stop strings of one request (the gateway's --max-stop-strings; OpenAI allows 4).
     """
 
     served_models: tuple[str, ...]
@@ -35,7 +35,9 @@ class ParseContext:
     default_max_tokens: int | None = None
     default_temperature: float = 1.0
     max_prompt_chars: int = 1_000_000
-    max_stop_strings: int = 4
+    max_stop_strings: int = 32
+    max_logit_bias: int = 300  # OpenAI's bound on logit_bias entries
+    max_bad_words: int = 128
     max_stop_chars: int = 200
     max_stop_token_ids: int = 64
 
@@ -76,6 +78,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
     return_token_ids: bool = False
     created: int = 0
     echo_prompt_text: str | None = None

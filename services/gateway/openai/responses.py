@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from disagg.services.gateway.openai.logprobs import merge
 from disagg.services.gateway.openai.request import GenerationRequest
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -35,12 +36,13 @@ def completion_response(
     finish_reason: str,
     usage: dict[str, Any],
     token_ids: Sequence[int] = (),
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The non-streamed /v1/completions body (echoed prompt first when asked)."""
     choice = {
         "index": 0,
         "text": (req.echo_prompt_text or "") + text,
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
     if req.return_token_ids:  # vLLM puts both lists on the choice for completions
@@ -54,12 +56,13 @@ def chat_response(
     finish_reason: str,
     usage: dict[str, Any],
     token_ids: Sequence[int] = (),
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The non-streamed /v1/chat/completions body."""
     choice: dict[str, Any] = {
         "index": 0,
         "message": {"role": "assistant", "content": text},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
     body = _head(req, "chat.completion") | {"choices": [choice], "usage": usage}
@@ -76,11 +79,12 @@ def completion_chunk(
     token_ids: Sequence[int] = (),
     *,
     first: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed /v1/completions chunk; the `first` one carries the echoed prompt and, with
     return_token_ids, the prompt ids."""
     echo = (req.echo_prompt_text or "") if first else ""
-    choice = {"index": 0, "text": echo + text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "text": echo + text, "logprobs": logprobs, "finish_reason": finish_reason}
     if req.return_token_ids:
         if first:
             choice["prompt_token_ids"] = list(req.prompt_token_ids)
@@ -95,13 +99,14 @@ def chat_chunk(
     token_ids: Sequence[int] = (),
     *,
     first: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed chat chunk. The `first` one carries the role with the first content (and,
     with return_token_ids, the prompt ids); a closing chunk with no text has an empty delta."""
     message: dict[str, Any] = {"role": "assistant", "content": delta} if first else {}
     if delta and not first:
         message["content"] = delta
-    choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
     if req.return_token_ids:
         choice["token_ids"] = list(token_ids)
     chunk = _chunk(req, choice)
@@ -114,6 +119,19 @@ def _chunk(req: GenerationRequest, choice: dict[str, Any]) -> dict[str, Any]:
     chunk = _head(req, _chunk_object(req)) | {"choices": [choice]}
     if req.include_usage:  # OpenAI: every chunk has "usage": null except the last one
         chunk["usage"] = None
+    return chunk
+
+
+def with_running_usage(
+    req: GenerationRequest, chunk: dict[str, Any], completion_tokens: int
+) -> dict[str, Any]:
+    """vLLM's ``continuous_usage_stats`` (with ``include_usage``): usage so far on every chunk."""
+    if req.include_usage and req.continuous_usage:
+        chunk["usage"] = {
+            "prompt_tokens": req.prompt_len,
+            "completion_tokens": completion_tokens,
+            "total_tokens": req.prompt_len + completion_tokens,
+        }
     return chunk
 
 
@@ -153,11 +171,17 @@ class StreamAssembler:
         self.req = req
         self._first = True
         self._pending_ids: list[int] = []
+        self._pending_logprobs: list[dict[str, Any]] = []
+        self._num_tokens = 0
         self._build = completion_chunk if req.kind == "completion" else chat_chunk
 
-    def delta(self, text: str, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+    def delta(
+        self, text: str, token_ids: Sequence[int] = (), logprobs: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         """Chunks for newly generated text (none when `text` is empty)."""
         self._pending_ids.extend(token_ids)
+        self._pending_logprobs += [logprobs] if logprobs else []
+        self._num_tokens += len(token_ids)
         if not text:
             return []
         return [self._emit(text, None)]
@@ -168,15 +192,21 @@ class StreamAssembler:
         usage: dict[str, Any],
         text: str = "",
         token_ids: Sequence[int] = (),
+        logprobs: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """The closing chunk (last text, if any, with the finish reason), then usage."""
         self._pending_ids.extend(token_ids)
+        self._pending_logprobs += [logprobs] if logprobs else []
+        self._num_tokens = usage["completion_tokens"]
         chunks = [self._emit(text, finish_reason)]
         if self.req.include_usage:
             chunks.append(usage_chunk(self.req, usage))
         return chunks
 
     def _emit(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        chunk = self._build(self.req, text, finish_reason, self._pending_ids, first=self._first)
-        self._first, self._pending_ids = False, []
-        return chunk
+        chunk = self._build(
+            self.req, text, finish_reason, self._pending_ids, first=self._first,
+            logprobs=merge(self._pending_logprobs),
+        )  # fmt: skip
+        self._first, self._pending_ids, self._pending_logprobs = False, [], []
+        return with_running_usage(self.req, chunk, self._num_tokens)
