@@ -792,9 +792,14 @@ def test_logprobs_fields_parse_into_a_top_n_count(ctx):
     assert parse_chat(chat_body(logprobs=True), ctx).params.logprobs == 0
     assert parse_chat(chat_body(logprobs=True, top_logprobs=5), ctx).params.logprobs == 5
     assert parse_chat(chat_body(logprobs=False), ctx).params.logprobs is None
-    with pytest.raises(APIError) as info:  # prompt logprobs are not served yet: said so
-        parse_completion(completion_body(logprobs=1, echo=True), ctx)
-    assert info.value.param == "logprobs"
+    echoed = parse_completion(completion_body(logprobs=1, echo=True), ctx)
+    assert (echoed.params.logprobs, echoed.params.prompt_logprobs) == (1, 1)  # lm-eval's path
+    both = parse_completion(completion_body(logprobs=1, echo=True, prompt_logprobs=4), ctx)
+    assert (both.params.prompt_logprobs, both.prompt_logprobs) == (4, 4)
+    assert parse_chat(chat_body(prompt_logprobs=0), ctx).params.prompt_logprobs == 0
+    with pytest.raises(APIError) as info:
+        parse_chat(chat_body(prompt_logprobs=21), ctx)
+    assert info.value.param == "prompt_logprobs"
 
 
 def test_completion_logprobs_block(tok):

@@ -9,6 +9,7 @@ import torch
 from disagg.shared.engine.engine import Engine
 from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
 from disagg.shared.engine.sampler import Row, SeqState, _penalize, sample, uniform
+from disagg.shared.engine.scheduler import EngineConfig
 from disagg.shared.protocol.sampling import SamplingParams
 from tests.conftest import assert_pool_full, hf_greedy
 
@@ -94,8 +95,7 @@ def test_presence_and_frequency_penalties_equal_the_formula():
 def test_a_moved_request_counts_its_carried_tokens_as_output():
     params = SamplingParams(frequency_penalty=1.0, output_offset=2)
     state = SeqState.new(params, [4, 5, 6, 6], VOCAB)  # 6, 6 were generated before the move
-    assert state.counts.tolist() == [0, 0, 0, 0, 0, 0, 2, 0]
-    assert state.in_prompt[[4, 5, 6]].all() and not state.in_prompt[0]
+    assert state.seen == {4: 0, 5: 0, 6: 2}  # prompt tokens for repetition, counts of output
 
 
 @pytest.mark.parametrize("penalty", [1.3, 0.8])
@@ -123,3 +123,49 @@ def test_logprobs_are_the_raw_log_softmax():
         assert [t for t, _ in lp.top] == top.indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-6)
     assert sample(logits, rows_of(SamplingParams(), [[]] * 2))[1] == [None, None]
+
+
+def test_prompt_logprobs_over_chunks_equal_transformers_and_skip_the_prefix_cache(checkpoints):
+    from tests.conftest import _hf_model
+
+    model_dir = checkpoints(arch="llama")
+    cfg = RuntimeConfig(model=model_dir, num_blocks=64, block_size=4,
+                        engine=EngineConfig(max_num_batched_tokens=5))  # fmt: skip
+    engine = build_runtime(cfg).engine
+    prompt = [5, 9, 5, 17, 33, 9, 2, 40, 41, 7, 3, 8, 22]  # 13 tokens: chunks of 5, 5, 3
+    engine.generate([prompt], SamplingParams(max_tokens=1))  # now its blocks are cached
+    params = SamplingParams(max_tokens=2, prompt_logprobs=2)
+    engine.add_request("p", prompt, params)
+    firsts = []
+    while engine.has_unfinished():
+        firsts += [o for o in engine.step() if o.request_id == "p" and o.prompt_logprobs]
+    (first,) = firsts
+    assert first.num_cached_tokens == 0  # recomputed: the logits are needed
+    with torch.no_grad():
+        logits = _hf_model(str(model_dir), torch.float32)(torch.tensor([prompt])).logits[0]
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    assert len(first.prompt_logprobs) == len(prompt) - 1
+    for i, lp in enumerate(first.prompt_logprobs):  # entry i is prompt token i + 1
+        token = prompt[i + 1]
+        assert lp.logprob == pytest.approx(ref[i, token].item(), abs=1e-4)
+        assert lp.rank == int((ref[i] > ref[i, token]).sum()) + 1
+        assert [t for t, _ in lp.top] == ref[i].topk(2).indices.tolist()
+
+
+def test_the_top_candidates_shortcut_draws_what_a_full_sort_draws(monkeypatch):
+    from disagg.shared.engine import sampler
+
+    gen = torch.Generator().manual_seed(3)
+    vocab, n = 600, 300
+    # Peaked rows (the nucleus is in the first candidates) and flat ones (it is not).
+    logits = torch.randn(n, vocab, generator=gen) * torch.linspace(0.1, 8.0, n)[:, None]
+    cases = [SamplingParams(temperature=1.0, top_p=0.9, seed=5),
+             SamplingParams(temperature=0.8, top_k=400, seed=6),
+             SamplingParams(temperature=1.2, top_k=50, top_p=0.5, min_p=0.01, seed=7)]  # fmt: skip
+    for params in cases:
+        rows = [Row(SeqState.new(params, [1], vocab), [0] * i) for i in range(n)]
+        monkeypatch.setattr(sampler, "CANDIDATES", 16)
+        short, _ = sample(logits.clone(), rows)
+        monkeypatch.setattr(sampler, "CANDIDATES", vocab)
+        full, _ = sample(logits.clone(), rows)
+        assert short == full, params

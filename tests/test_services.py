@@ -255,6 +255,39 @@ def test_logprobs_equal_transformers(request, model, stack):
     assert_decode_pools_full(up, "decode" if stack == "disagg_stack" else "both")
 
 
+@pytest.mark.parametrize("stack", ["disagg_stack", "agg_stack"])
+def test_echoed_prompt_logprobs_are_lm_evals_loglikelihood(request, model, stack):
+    """lm-eval's loglikelihood request: the prompt's token ids, echo, logprobs, max_tokens 1."""
+    up: Up = request.getfixturevalue(stack)
+    prompt = [5, 9, 5, 17, 33, 9, 2, 40, 41, 7]
+    for _ in range(2):  # the second time its blocks are cached: logprobs still come out whole
+        body = {"model": model.name, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                "logprobs": 1, "echo": True, "prompt_logprobs": 2}  # fmt: skip
+        with urllib.request.urlopen(_post(up.base_url + "/v1/completions", body), timeout=60) as r:
+            choice = json.loads(r.read())["choices"][0]
+        block = choice["logprobs"]
+        assert (
+            len(block["token_logprobs"]) == len(prompt) + 1 and block["token_logprobs"][0] is None
+        )
+        assert block["top_logprobs"][0] is None and block["text_offset"][0] == 0
+        output = hf_greedy(model, prompt, 1)
+        ref = hf_logprobs(model, prompt[:1], prompt[1:] + output)  # rows predict tokens 1..n
+        for i, token in enumerate(prompt[1:] + output):
+            assert block["token_logprobs"][i + 1] == pytest.approx(ref[i, token].item(), abs=1e-4)
+        vllm = choice["prompt_logprobs"]
+        assert vllm[0] is None and len(vllm) == len(prompt)
+        for i, token in enumerate(prompt[1:]):
+            mine = vllm[i + 1][str(token)]
+            assert mine["logprob"] == pytest.approx(ref[i, token].item(), abs=1e-4)
+            assert mine["rank"] == int((ref[i] > ref[i, token]).sum()) + 1
+    assert_decode_pools_full(up, "decode" if stack == "disagg_stack" else "both")
+
+
+def _post(url: str, body: dict) -> urllib.request.Request:
+    headers = {"content-type": "application/json"}
+    return urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+
+
 def test_streamed_completion_equals_transformers(disagg_stack, model):
     client = disagg_stack.client()
     stream = client.completions.create(

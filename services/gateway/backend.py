@@ -268,6 +268,8 @@ class Backend:
         prompt, params = progress.attempt_prompt(), progress.attempt_params()
         placed = await self._place(attempt_id, prompt, progress)
         stream.decode_id, stream.prefill_id = placed.decode_id, placed.prefill_id
+        if params.prompt_logprobs is not None:
+            stream.expect_prompt = len(prompt) - 1
         admit = AdmitRequest(
             request_id=attempt_id,
             gateway_id=self.gateway_id,

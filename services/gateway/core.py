@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.services.gateway.backend import Backend, BackendError
@@ -31,35 +31,52 @@ from disagg.services.gateway.openai.responses import (
     models_response,
 )
 from disagg.services.gateway.openai.responses import usage as usage_body
-from disagg.shared.protocol.sampling import Logprob
+from disagg.services.gateway.stream import TokenEvent
 
 
 @dataclass
-class Finished:
+class Delta:
+    """Text released, the ids it consumed, and their OpenAI logprobs blocks (when asked)."""
+
     text: str
     token_ids: list[int]
-    finish_reason: str
-    usage: dict[str, Any]
-    logprobs: dict[str, Any] | None = None  # the OpenAI block of `token_ids`
+    logprobs: dict[str, Any] | None = None  # of `token_ids` (and of an echoed prompt, first)
+    prompt_logprobs: list | None = None  # vLLM's `prompt_logprobs`, on the first delta
+
+
+@dataclass
+class Finished(Delta):
+    finish_reason: str = "stop"
+    usage: dict[str, Any] = field(default_factory=dict)
 
 
 class _Logprobs:
     """The workers' logprobs, in token order, formatted as the detokenizer releases ids."""
 
     def __init__(self, req: GenerationRequest, tokenizer) -> None:
-        self.fmt = None
-        if req.params.logprobs is not None:
-            self.fmt = LogprobFormatter(tokenizer, req.kind, len(req.echo_prompt_text or ""))
-        self.queue: deque[Logprob] = deque()
+        self.req, self.queue = req, deque()
+        self.fmt = LogprobFormatter(tokenizer, req.kind, len(req.echo_prompt_text or ""))
+        self.prompt_block: dict[str, Any] | None = None
+        self.vllm_prompt: list | None = None
 
-    def add(self, logprobs: list[Logprob] | None) -> None:
-        if self.fmt is not None and logprobs:
-            self.queue.extend(logprobs)
+    def add(self, event: TokenEvent) -> None:
+        if self.req.params.logprobs is not None and event.logprobs:
+            self.queue.extend(event.logprobs)
+        if event.prompt_logprobs is None:
+            return
+        ids, lps = self.req.prompt_token_ids, event.prompt_logprobs
+        if self.req.echo_prompt_text is not None and self.req.params.logprobs is not None:
+            self.prompt_block = self.fmt.prompt_block(ids, lps, self.req.params.logprobs)
+        if self.req.prompt_logprobs is not None:
+            self.vllm_prompt = self.fmt.vllm_prompt(ids, lps, self.req.prompt_logprobs)
 
-    def block(self, ids: list[int]) -> dict[str, Any] | None:
-        if self.fmt is None or not ids or len(self.queue) < len(ids):
-            return None
-        return self.fmt.block(ids, [self.queue.popleft() for _ in ids])
+    def delta(self, text: str, ids: list[int]) -> Delta:
+        """``text`` and ``ids`` with their blocks (the prompt's go out once, first)."""
+        blocks = [self.prompt_block] if self.prompt_block else []
+        if self.req.params.logprobs is not None and ids and len(self.queue) >= len(ids):
+            blocks.append(self.fmt.block(ids, [self.queue.popleft() for _ in ids]))
+        prompt, self.prompt_block, self.vllm_prompt = self.vllm_prompt, None, None
+        return Delta(text, ids, merge(blocks), prompt)
 
 
 class Slot:
@@ -122,39 +139,36 @@ class Gateway:
             async for item in events:
                 if isinstance(item, Finished):
                     for chunk in assembler.finish(
-                        item.finish_reason, item.usage, item.text, item.token_ids, item.logprobs
-                    ):
+                        item.finish_reason, item.usage, item.text, item.token_ids, item.logprobs,
+                        prompt_logprobs=item.prompt_logprobs,
+                    ):  # fmt: skip
                         yield chunk
                 else:
-                    for chunk in assembler.delta(*item):
+                    for chunk in assembler.delta(
+                        item.text, item.token_ids, item.logprobs,
+                        prompt_logprobs=item.prompt_logprobs,
+                    ):  # fmt: skip
                         yield chunk
         finally:
             await events.aclose()
 
     async def complete(self, req: GenerationRequest, slot: Slot) -> dict[str, Any]:
-        text, ids, blocks = [], [], []
+        text, ids, blocks, prompt = [], [], [], None
         async for item in self._events(req, slot):
+            text.append(item.text)
+            ids.extend(item.token_ids)
+            blocks += [item.logprobs] if item.logprobs else []
+            prompt = prompt or item.prompt_logprobs
             if isinstance(item, Finished):
                 build = completion_response if req.kind == "completion" else chat_response
-                blocks += [item.logprobs] if item.logprobs else []
                 return build(
-                    req,
-                    "".join(text) + item.text,
-                    item.finish_reason,
-                    item.usage,
-                    ids + item.token_ids,
-                    merge(blocks),
-                )
-            text.append(item[0])
-            ids.extend(item[1])
-            blocks += [item[2]] if item[2] else []
+                    req, "".join(text), item.finish_reason, item.usage, ids, merge(blocks),
+                    prompt_logprobs=prompt,
+                )  # fmt: skip
         raise internal_error("the stream ended without a finish")
 
-    async def _events(
-        self, req: GenerationRequest, slot: Slot
-    ) -> AsyncIterator[tuple[str, list[int], dict[str, Any] | None] | Finished]:
-        """(text, ids, logprobs block) deltas, then one Finished; BackendError -> APIError.
-        Releases `slot`."""
+    async def _events(self, req: GenerationRequest, slot: Slot) -> AsyncIterator[Delta]:
+        """Deltas, the last one a Finished; BackendError -> APIError. Releases `slot`."""
         start = last = time.monotonic()
         detok = StreamDetokenizer(self.ctx.tokenizer, req.stop, req.prompt_token_ids)
         logprobs = _Logprobs(req, self.ctx.tokenizer)
@@ -170,24 +184,21 @@ class Gateway:
                 self._observe_tokens(len(ids), len(event.token_ids), now - start, now - last)
                 last = now
                 final_stop = self._ends_on_stop_token(req, event)
-                logprobs.add(event.logprobs)
+                logprobs.add(event)
                 delta = detok.push(event.token_ids, final_token_is_stop=final_stop)
                 ids += delta.token_ids
-                block = logprobs.block(delta.token_ids)
+                out = logprobs.delta(delta.text, delta.token_ids)
                 if delta.stopped or event.finish_reason is not None:
                     reason = "stop" if delta.stopped else event.finish_reason
                     tail = detok.flush()
                     usage = usage_body(req.prompt_len, len(ids), cached)
                     yield Finished(
-                        delta.text + tail.text,
-                        delta.token_ids + tail.token_ids,
-                        reason,
-                        usage,
-                        block,
-                    )
+                        out.text + tail.text, out.token_ids + tail.token_ids, out.logprobs,
+                        out.prompt_logprobs, reason, usage,
+                    )  # fmt: skip
                     return
-                if delta.text or delta.token_ids:
-                    yield delta.text, delta.token_ids, block
+                if out.text or out.token_ids:
+                    yield out
         except BackendError as err:
             raise _api_error(err) from None
         finally:

@@ -97,6 +97,8 @@ class Progress:
         return self.params.replace(
             max_tokens=self.remaining_tokens,
             output_offset=self.params.output_offset + len(self.generated),
+            # the client has the prompt's logprobs once a token went out: not asked again
+            prompt_logprobs=None if self.generated else self.params.prompt_logprobs,
         )
 
     def move(self, lost: WorkerLost, limit: int) -> None:

@@ -27,6 +27,7 @@ class TokenEvent:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[Logprob] | None = None  # one per token, when the request asked
+    prompt_logprobs: list[Logprob] | None = None  # on the first event, when asked
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class AttemptStream:
     decode_next: int = 0  # index the decode worker's next chunk must start at
     tokens: dict[int, int] = field(default_factory=dict)
     logprobs: dict[int, Logprob] = field(default_factory=dict)
+    # Prompt logprobs still expected (tokens wait for them), and those received.
+    expect_prompt: int | None = None
+    prompt_logprobs: list[Logprob] = field(default_factory=list)
     next_index: int = 0
     final_len: int | None = None
     finish_reason: str | None = None
@@ -69,6 +73,11 @@ class AttemptStream:
             raise self._chunk_error(chunk)
         if chunk.worker_id == self.decode_id:
             self._check_contiguous(chunk)
+        if (
+            chunk.prompt_logprobs is not None
+            and chunk.prompt_index == len(self.prompt_logprobs) + 1
+        ):
+            self.prompt_logprobs += chunk.prompt_logprobs
         for i, token in enumerate(chunk.token_ids):
             if chunk.index + i >= self.next_index:
                 self.tokens[chunk.index + i] = token
@@ -81,7 +90,8 @@ class AttemptStream:
         # Prefill reports its own cache hits, decode the prefix it did not need shipped.
         self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
         ready, logprobs = [], []
-        while self.next_index in self.tokens:
+        waiting = self.expect_prompt is not None and len(self.prompt_logprobs) < self.expect_prompt
+        while self.next_index in self.tokens and not waiting:
             ready.append(self.tokens.pop(self.next_index))
             if (logprob := self.logprobs.pop(self.next_index, None)) is not None:
                 logprobs.append(logprob)
@@ -89,7 +99,12 @@ class AttemptStream:
         done = self.final_len is not None and self.next_index >= self.final_len
         reason = self.finish_reason if done else None
         aligned = logprobs if ready and len(logprobs) == len(ready) else None
-        return TokenEvent(ready, reason, self.num_prompt_tokens, self.num_cached_tokens, aligned)
+        prompt = None
+        if ready and self.expect_prompt is not None:  # released with the first tokens
+            prompt, self.expect_prompt = self.prompt_logprobs, None
+        return TokenEvent(
+            ready, reason, self.num_prompt_tokens, self.num_cached_tokens, aligned, prompt
+        )
 
     def _check_contiguous(self, chunk: StreamChunk) -> None:
         # One publisher's messages arrive in order: a skipped index means lost chunks.

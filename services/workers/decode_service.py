@@ -23,7 +23,13 @@ from disagg.shared.cluster import PeerWatch
 from disagg.shared.engine.request import RequestOutput
 from disagg.shared.protocol.codec import ErrorBody, Message, decode, encode, error_reply
 from disagg.shared.protocol.descriptor import TransferDescriptor
-from disagg.shared.protocol.messages import AdmitReply, AdmitRequest, Heartbeat, StreamChunk
+from disagg.shared.protocol.messages import (
+    AdmitReply,
+    AdmitRequest,
+    Heartbeat,
+    StreamChunk,
+    prompt_logprob_chunks,
+)
 from disagg.shared.protocol.types import MessageError, Role
 from disagg.shared.service import guarded
 from disagg.shared.transfer.sockets import KVReceiver
@@ -100,9 +106,14 @@ class DecodeService(WorkerService):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), PEER_WATCH_S)
 
-    def message_of(self, output: RequestOutput) -> tuple[str, Message] | None:
+    def messages_of(self, output: RequestOutput) -> list[tuple[str, Message]]:
         subject = self.stream_subject(output.request_id, done=output.finished)
-        return None if subject is None else (subject, self._chunk(output))
+        if subject is None:
+            return []
+        chunks = prompt_logprob_chunks(
+            output.request_id, self.worker_id, output.prompt_logprobs or ()
+        )  # this worker prefilled the prompt itself (agg, or a short prompt)
+        return [(subject, c) for c in [*chunks, self._chunk(output)]]
 
     def _chunk(self, out: RequestOutput) -> StreamChunk:
         error = None

@@ -60,6 +60,7 @@ class PrefillResult:
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens this worker found in its prefix cache
     logprob: Logprob | None = None  # of the first token, when the request asks
+    prompt_logprobs: tuple[Logprob, ...] | None = None  # when the request asks
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,13 @@ class PrefillWorker:
                 continue
             logprob = out.logprobs[0] if out.logprobs else None
             result = self._complete(job, out.new_token_ids, out.finish_reason, logprob)
-            results.append(replace(result, num_cached_tokens=out.num_cached_tokens))
+            results.append(
+                replace(
+                    result,
+                    num_cached_tokens=out.num_cached_tokens,
+                    prompt_logprobs=out.prompt_logprobs if result.error is None else None,
+                )
+            )
         self._retire_finished()
         return results
 

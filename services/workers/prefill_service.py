@@ -17,7 +17,12 @@ from disagg.services.workers.prefill import (
 from disagg.services.workers.service import WorkerService
 from disagg.shared.engine.request import RequestError
 from disagg.shared.protocol.codec import ErrorBody, Message, decode, encode, error_reply
-from disagg.shared.protocol.messages import JobReply, StreamChunk, TransferReport
+from disagg.shared.protocol.messages import (
+    JobReply,
+    StreamChunk,
+    TransferReport,
+    prompt_logprob_chunks,
+)
 from disagg.shared.protocol.messages import PrefillJob as PrefillJobMsg
 from disagg.shared.service import guarded
 from disagg.shared.transfer.sockets import KVSender
@@ -55,11 +60,16 @@ class PrefillService(WorkerService):
             return error_reply(str(err), 400)
         return encode(JobReply(request_id=req.request_id, accepted=True))
 
-    def message_of(self, output: Any) -> tuple[str, Message] | None:
+    def messages_of(self, output: Any) -> list[tuple[str, Message]]:
         if isinstance(output, SentTransfer):
-            return self.subjects.transfer_stats, self._transfer_report(output)
+            return [(self.subjects.transfer_stats, self._transfer_report(output))]
         subject = self.stream_subject(output.request_id, done=True)
-        return None if subject is None else (subject, self._first_token(output))
+        if subject is None:
+            return []
+        chunks = prompt_logprob_chunks(
+            output.request_id, self.worker_id, output.prompt_logprobs or ()
+        )
+        return [(subject, c) for c in [*chunks, self._first_token(output)]]
 
     def _transfer_report(self, sent: SentTransfer) -> TransferReport:
         st = sent.stats

@@ -85,8 +85,8 @@ class WorkerService(abc.ABC):
         """Subscribe to the role's own subjects (``self.nc`` is connected)."""
 
     @abc.abstractmethod
-    def message_of(self, output: Any) -> tuple[str, Message] | None:
-        """The (subject, message) an output of the core is published as; None: nothing."""
+    def messages_of(self, output: Any) -> list[tuple[str, Message]]:
+        """The (subject, message)s an output of the core is published as, in order."""
 
     def collect(self) -> list:
         """One step of the core: its outputs (compute thread)."""
@@ -167,12 +167,11 @@ class WorkerService(abc.ABC):
 
     def _on_outputs(self, outputs: list) -> None:
         for out in outputs:
-            if (item := self.message_of(out)) is None:
-                continue
-            try:
-                self._publish.put_nowait(item)
-            except asyncio.QueueFull:
-                log.error("publish_queue_full", subject=item[0])
+            for item in self.messages_of(out):
+                try:
+                    self._publish.put_nowait(item)
+                except asyncio.QueueFull:
+                    log.error("publish_queue_full", subject=item[0])
 
     def stream_subject(self, request_id: str, done: bool) -> str | None:
         """Where a request's chunks go (its gateway's stream); ``done`` forgets the gateway."""

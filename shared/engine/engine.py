@@ -66,7 +66,9 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan:
             tokens = self.runner.execute(plan, self.on_layer)
-            outputs += self.scheduler.update(plan, tokens, self.runner.last_logprobs)
+            outputs += self.scheduler.update(
+                plan, tokens, self.runner.last_logprobs, self.runner.last_prompt_logprobs
+            )
         self.runner.forget(o.request_id for o in outputs if o.finished)
         return outputs
 

@@ -31,6 +31,8 @@ class Request:
     finish_reason: str | None = None
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks committed
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Of prompt tokens 1, 2, ... as computed here; None when the prompt was prefilled elsewhere.
+    prompt_logprobs: list[Logprob] | None = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +65,8 @@ class RequestOutput:
     error: str | None = None  # set with finish_reason "error"
     num_cached_tokens: int = 0
     logprobs: tuple[Logprob, ...] | None = None  # one per new token, when the request asks
+    # With the first token, when asked: one per prompt token after the first.
+    prompt_logprobs: tuple[Logprob, ...] | None = None
 
     @property
     def index(self) -> int:

@@ -21,6 +21,7 @@ import torch
 from disagg.shared.protocol.sampling import Logprob, SamplingParams
 
 _M32 = 0xFFFFFFFF
+CANDIDATES = 256  # tokens top-k/top-p look at before falling back to a full sort
 
 
 @dataclass
@@ -29,23 +30,22 @@ class SeqState:
 
     params: SamplingParams
     seed: int
-    counts: torch.Tensor | None = None  # output token counts [vocab] (penalized requests)
-    in_prompt: torch.Tensor | None = None  # bool [vocab]: tokens of the prompt (repetition)
+    # Penalized requests: every token of prompt and output -> its count in the output.
+    seen: dict[int, int] | None = None
 
     @classmethod
     def new(cls, params: SamplingParams, prompt: Sequence[int], vocab: int) -> SeqState:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         state = cls(params, seed)
         if params.penalized:
-            carried = list(prompt[len(prompt) - params.output_offset :])
-            state.counts = torch.bincount(torch.tensor(carried, dtype=torch.long), minlength=vocab)
-            state.in_prompt = torch.zeros(vocab, dtype=torch.bool)
-            state.in_prompt[torch.tensor(list(prompt), dtype=torch.long)] = True
+            state.seen = dict.fromkeys(prompt, 0)
+            for token in prompt[len(prompt) - params.output_offset :]:  # output before a move
+                state.seen[token] += 1
         return state
 
     def observe(self, token: int) -> None:
-        if self.counts is not None:
-            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = self.seen.get(token, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -117,41 +117,90 @@ def _banned_words(p: SamplingParams, output: Sequence[int]) -> list[int]:
 
 def _penalize(logits: torch.Tensor, states: Sequence[SeqState]) -> torch.Tensor:
     """Repetition (HF: divide a positive logit, multiply a negative one), then frequency and
-    presence (OpenAI: minus ``count * frequency + (count > 0) * presence``), batched."""
-    counts = torch.stack([s.counts for s in states]).to(logits.dtype)
-    seen = torch.stack([s.in_prompt for s in states]) | (counts > 0)
-    rep = torch.tensor([s.params.repetition_penalty for s in states], dtype=logits.dtype)[:, None]
-    freq = torch.tensor([s.params.frequency_penalty for s in states], dtype=logits.dtype)[:, None]
-    pres = torch.tensor([s.params.presence_penalty for s in states], dtype=logits.dtype)[:, None]
-    scaled = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(seen, scaled, logits)
-    return logits - counts * freq - (counts > 0).to(logits.dtype) * pres
+    presence (OpenAI: minus ``count * frequency + (count > 0) * presence``), batched over the
+    tokens each row has seen only (prompt and output), not the whole vocabulary."""
+    rows = torch.cat([torch.full((len(s.seen),), i) for i, s in enumerate(states)])
+    tokens = torch.tensor([t for s in states for t in s.seen], dtype=torch.long)
+    counts = torch.tensor([c for s in states for c in s.seen.values()], dtype=logits.dtype)
+    per_row = lambda name: torch.tensor(  # noqa: E731
+        [getattr(s.params, name) for s in states], dtype=logits.dtype
+    )[rows]
+    rep = per_row("repetition_penalty")
+    values = logits[rows, tokens]
+    values = torch.where(values > 0, values / rep, values * rep)
+    values -= counts * per_row("frequency_penalty") + (counts > 0) * per_row("presence_penalty")
+    logits[rows, tokens] = values
+    return logits
 
 
 # -- the draw ---------------------------------------------------------------------------------
 
 
 def _draw(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p, then inverse-CDF with a (seed, position) uniform."""
+    """Temperature, min-p, top-k, top-p (vLLM's order), then inverse-CDF sampling with a
+    (seed, position) uniform. A row's token depends only on its own logits and parameters."""
     params = [r.state.params for r in rows]
-    vocab = logits.shape[1]
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
     probs = torch.softmax(logits / temps, dim=-1)
-    probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab)[None, :]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])[:, None]
-    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype)[:, None]
-    min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)[:, None]
-    # Drop a token past top-k, when the mass before it already reaches top_p, or when it is
-    # under min_p of the most likely one; the most likely token always stays.
-    drop = (rank >= top_k) | (probs.cumsum(-1) - probs >= top_p) | (probs < min_p * probs[:, :1])
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0).double()
-    cdf = probs.cumsum(-1)
+    if any(p.min_p for p in params):  # under min_p of the most likely token
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
     positions = [p.output_offset + len(r.output) for p, r in zip(params, rows)]
-    u = uniform([r.state.seed for r in rows], positions).double()
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=vocab - 1)
-    return order.gather(1, picked).squeeze(1)
+    u = uniform([r.state.seed for r in rows], positions)
+    out = torch.empty(len(rows), dtype=torch.long)
+    cut = [i for i, p in enumerate(params) if _truncates(p, probs.shape[1])]
+    whole = [i for i in range(len(rows)) if i not in set(cut)]
+    if whole:  # the vocabulary in its own order: no sort needed
+        index = torch.tensor(whole, dtype=torch.long)
+        out[index] = _inverse_cdf(probs[index], u[index])
+    if cut:
+        index = torch.tensor(cut, dtype=torch.long)
+        out[index] = _draw_truncated(probs[index], [params[i] for i in cut], u[index])
+    return out
+
+
+def _truncates(p: SamplingParams, vocab: int) -> bool:
+    return 0 < p.top_k < vocab or p.top_p < 1.0
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index where each row's cumulative mass first reaches u x its total."""
+    cdf = probs.float().cumsum(-1)
+    picked = torch.searchsorted(cdf, (u.float() * cdf[:, -1])[:, None])
+    return picked.clamp_(max=probs.shape[1] - 1).squeeze(1)
+
+
+def _draw_truncated(
+    probs: torch.Tensor, params: Sequence[SamplingParams], u: torch.Tensor
+) -> torch.Tensor:
+    """Top-k and top-p as a probability threshold per row (keep p >= it), then the draw in
+    vocabulary order. A sort of the whole vocabulary is slow on a CPU, so the threshold comes
+    from the top CANDIDATES of ``topk``; only a flat row whose nucleus is wider is sorted whole
+    (the same threshold either way)."""
+    vocab = probs.shape[1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype)
+    widest = max((p.top_k for p in params if 0 < p.top_k < vocab), default=0)
+    values = probs.topk(min(vocab, max(CANDIDATES, widest))).values  # descending
+    kth = values.gather(1, (top_k.clamp(max=values.shape[1]) - 1)[:, None]).squeeze(1)
+    thr_k = torch.where(top_k < vocab, kth, 0.0)
+    need = top_p * probs.sum(-1)  # top_p of each row's (min-p masked) mass
+    thr_p, wide = _mass_threshold(values, need)
+    wide &= top_p < 1.0
+    if wide.any():  # rare: a nucleus wider than the candidates
+        rows = wide.nonzero().squeeze(1)
+        thr_p[rows] = _mass_threshold(probs[rows].sort(-1, descending=True).values, need[rows])[0]
+    thr_p = torch.where(top_p < 1.0, thr_p, 0.0)
+    keep = probs >= torch.maximum(thr_k, thr_p)[:, None]
+    return _inverse_cdf(probs.masked_fill(~keep, 0.0), u)
+
+
+def _mass_threshold(desc: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probability at which each row's descending mass first reaches ``need`` (that token
+    is kept, as vLLM keeps it), and whether ``desc`` ran out before reaching it."""
+    crossing = (desc.cumsum(-1) < need[:, None]).sum(-1)
+    at = desc.gather(1, crossing.clamp(max=desc.shape[1] - 1)[:, None]).squeeze(1)
+    return at, crossing >= desc.shape[1]
 
 
 def uniform(seeds: Sequence[int], positions: Sequence[int]) -> torch.Tensor:

@@ -125,6 +125,7 @@ class Scheduler:
         req.block_table = list(block_ids)
         req.num_computed = len(prompt)
         req.num_cached_tokens = num_cached_tokens
+        req.prompt_logprobs = None  # the prefill worker computed (and reported) them
         self._commit_full_blocks(req)
         req.status = Status.RUNNING
         self.running.append(req)
@@ -220,11 +221,25 @@ class Scheduler:
             plan.completing.append(req)
 
     def update(
-        self, plan: StepPlan, tokens: list[int], logprobs: list[Logprob | None] | None = None
+        self,
+        plan: StepPlan,
+        tokens: list[int],
+        logprobs: list[Logprob | None] | None = None,
+        prompt_logprobs: dict[str, tuple[int, list[Logprob]]] | None = None,
     ) -> list[RequestOutput]:
         """The step ran: its tokens' K/V are cached, ``tokens`` (and their ``logprobs``, where
-        asked) were sampled for ``plan.sampled`` (in that order). Returns an output per request
-        that got a token."""
+        asked) were sampled for ``plan.sampled`` (in that order); ``prompt_logprobs`` maps a
+        request to (index of its first prompt token covered, their logprobs). Returns an output
+        per request that got a token."""
+        for req, _ in plan.chunks:
+            if (
+                prompt_logprobs
+                and req.request_id in prompt_logprobs
+                and req.prompt_logprobs is not None
+            ):
+                first, values = prompt_logprobs[req.request_id]
+                have = len(req.prompt_logprobs)  # a recompute after preemption adds nothing
+                req.prompt_logprobs += values[max(0, have + 1 - first) :]
         for req, n in plan.chunks:
             req.num_computed += n
             self._commit_full_blocks(req)
@@ -255,7 +270,10 @@ class Scheduler:
         return True
 
     def _reuse_cached_prefix(self, req: Request) -> None:
-        """Start ``req`` on the cached blocks of its longest cached prefix (they are shared)."""
+        """Start ``req`` on the cached blocks of its longest cached prefix (they are shared);
+        a request that wants prompt logprobs computes its whole prompt (their logits)."""
+        if req.params.prompt_logprobs is not None and not req.output:
+            return
         hit = self.cached_prefix(req.tokens(0, req.num_tokens))
         if hit:
             self.pool.incref(hit)
@@ -337,6 +355,13 @@ class Scheduler:
 
     @staticmethod
     def _output(req: Request, tokens: list[int], logprob: Logprob | None = None) -> RequestOutput:
+        prompt_logprobs = None
+        if (
+            req.prompt_logprobs is not None
+            and req.params.prompt_logprobs is not None
+            and (len(req.output) == 1)
+        ):
+            prompt_logprobs = tuple(req.prompt_logprobs)
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=tokens,
@@ -346,4 +371,5 @@ class Scheduler:
             num_output_tokens=len(req.output),
             num_cached_tokens=req.num_cached_tokens,
             logprobs=None if logprob is None else (logprob,),
+            prompt_logprobs=prompt_logprobs,
         )

@@ -54,19 +54,24 @@ class ForwardBatch:
         block_size: int,
         logits_for_prefill: list[bool],
         device: torch.device | str = "cpu",
+        all_logits: list[bool] | None = None,
     ) -> ForwardBatch:
         """Lay out a step.
 
         prefills: (chunk token ids, position of the chunk's first token, block table) per sequence.
         decodes: (token id, its position, block table) per sequence.
         logits_for_prefill: whether each prefill chunk ends its prompt (its last token is sampled).
+        all_logits: whether a chunk wants the logits of every token (prompt logprobs).
         """
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         segments: list[PrefillSegment] = []
         logits_at: list[int] = []
-        for (chunk, start_pos, table), wants_logits in zip(prefills, logits_for_prefill):
+        every = all_logits or [False] * len(prefills)
+        for (chunk, start_pos, table), wants_logits, wants_all in zip(
+            prefills, logits_for_prefill, every, strict=True
+        ):
             end_pos = start_pos + len(chunk)
             used_blocks = -(-end_pos // block_size)
             segments.append(
@@ -80,7 +85,9 @@ class ForwardBatch:
             ids.extend(chunk)
             positions.extend(range(start_pos, end_pos))
             slots.extend(slots_for_positions(table, start_pos, end_pos, block_size))
-            if wants_logits:
+            if wants_all:
+                logits_at.extend(range(len(ids) - len(chunk), len(ids)))
+            elif wants_logits:
                 logits_at.append(len(ids) - 1)
         num_prefill = len(ids)
         for token, pos, _ in decodes:

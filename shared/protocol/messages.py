@@ -179,6 +179,9 @@ class AbortReply(Message):
     found: bool
 
 
+PROMPT_LOGPROBS_PER_CHUNK = 1024  # with 20 top logprobs each, ~300 KB: under NATS's 1 MB
+
+
 class StreamChunk(Message):
     """Worker -> gateway on ``Subjects.stream``: output tokens from position ``index`` on.
 
@@ -195,7 +198,32 @@ class StreamChunk(Message):
     num_cached_tokens: Count
     error: ErrorBody | None = None
     logprobs: Annotated[tuple[Logprob, ...], Meta(max_length=MAX_TOKENS)] | None = None
+    # Prompt logprobs (a request that asked), from prompt token ``prompt_index`` on, in chunks
+    # of at most PROMPT_LOGPROBS_PER_CHUNK, before the chunk of token 0 (no token ids).
+    prompt_logprobs: Annotated[tuple[Logprob, ...], Meta(max_length=MAX_TOKENS)] | None = None
+    prompt_index: Annotated[int, Meta(ge=1, le=MAX_TOKENS)] = 1
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
             raise ValueError("logprobs: one entry per token id")
+
+
+def prompt_logprob_chunks(
+    request_id: str, worker_id: str, logprobs: tuple[Logprob, ...]
+) -> list[StreamChunk]:
+    """A request's prompt logprobs as StreamChunks (sent before its first token)."""
+    step = PROMPT_LOGPROBS_PER_CHUNK
+    return [
+        StreamChunk(
+            request_id=request_id,
+            worker_id=worker_id,
+            index=0,
+            token_ids=[],
+            finish_reason=None,
+            num_prompt_tokens=0,
+            num_cached_tokens=0,
+            prompt_logprobs=logprobs[start : start + step],
+            prompt_index=1 + start,
+        )  # fmt: skip
+        for start in range(0, len(logprobs), step)
+    ]

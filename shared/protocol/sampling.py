@@ -36,6 +36,7 @@ class Logprob(msgspec.Struct, frozen=True, array_like=True):
 
     logprob: LogprobValue
     top: Annotated[tuple[tuple[TokenId, LogprobValue], ...], Meta(max_length=MAX_LOGPROBS)] = ()
+    rank: Annotated[int, Meta(ge=1)] | None = None  # the token's rank in the vocabulary (prompt)
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,7 +46,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     Penalties act on the logits before temperature: ``repetition_penalty`` over prompt and
     output tokens (as Hugging Face), ``presence_penalty``/``frequency_penalty`` over output
     tokens (OpenAI's formula). ``logprobs``: how many top logprobs to return per output token
-    (0: only the sampled token's; None: none).
+    (0: only the sampled token's; None: none); ``prompt_logprobs`` the same for every prompt
+    token after the first (computed where the prompt is prefilled, never from a prefix cache).
 
     ``output_offset`` is the output position of this attempt's first token: after a move the
     tokens generated so far end the prompt, and the last ``output_offset`` prompt tokens count as
@@ -74,6 +76,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: Annotated[tuple[TokenId, ...], Meta(max_length=MAX_STOP_TOKENS)] = ()
     ignore_eos: bool = False
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     output_offset: Annotated[int, Meta(ge=0, le=MAX_TOKENS)] = 0
 
     @property

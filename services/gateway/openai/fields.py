@@ -107,7 +107,6 @@ NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "use_beam_search": is_off,
     "include_stop_str_in_output": is_off,
     "skip_special_tokens": lambda v: v is None or v is True,
-    "prompt_logprobs": lambda v: v is None,
     "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [],
     "functions": lambda v: v is None or v == [],

@@ -43,6 +43,36 @@ class LogprobFormatter:
             "text_offset": offsets,
         }
 
+    def prompt_block(self, prompt_ids: Sequence[int], logprobs: Sequence[Logprob], n: int):
+        """The legacy block of an echoed prompt: its first token has no logprob (null)."""
+        tokens = [self.token(t) for t in prompt_ids]
+        offsets, offset = [], 0
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None] + [_value(lp.logprob) for lp in logprobs],
+            "top_logprobs": [None]
+            + [self._top_map(t, lp, n) for t, lp in zip(prompt_ids[1:], logprobs)],
+            "text_offset": offsets,
+        }
+
+    def vllm_prompt(
+        self, prompt_ids: Sequence[int], logprobs: Sequence[Logprob], n: int
+    ) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: null, then per token {id: {logprob, rank, decoded_token}}
+        for the token and the top `n`."""
+        out: list[dict[str, Any] | None] = [None]
+        for token, lp in zip(prompt_ids[1:], logprobs):
+            entry = {str(t): self._vllm(t, v, rank) for rank, (t, v) in enumerate(lp.top[:n], 1)}
+            entry[str(token)] = self._vllm(token, lp.logprob, lp.rank)
+            out.append(entry)
+        return out
+
+    def _vllm(self, token_id: int, value: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": _value(value), "rank": rank, "decoded_token": self.token(token_id)}
+
     def token(self, token_id: int) -> str:
         """A token's text; one that is part of a character is written as its bytes (vLLM)."""
         raw = self.tokenizer.token_bytes(token_id)
@@ -51,8 +81,8 @@ class LogprobFormatter:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def _top_map(self, token_id: int, lp: Logprob) -> dict[str, float]:
-        top = {self.token(t): _value(v) for t, v in lp.top}
+    def _top_map(self, token_id: int, lp: Logprob, n: int | None = None) -> dict[str, float]:
+        top = {self.token(t): _value(v) for t, v in lp.top[:n]}
         top.setdefault(self.token(token_id), _value(lp.logprob))
         return top
 

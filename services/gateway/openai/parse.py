@@ -58,6 +58,7 @@ class _Common:
     include_usage: bool
     continuous_usage: bool
     return_token_ids: bool
+    prompt_logprobs: int | None
 
 
 def parse_completion(
@@ -68,9 +69,9 @@ def parse_completion(
     common = _parse_common(fields, ctx, COMPLETION_NEUTRAL)
     echo = fields.boolean("echo", False)
     logprobs = fields.integer("logprobs", 0, MAX_LOGPROBS)
-    if echo and logprobs is not None:
-        raise unsupported("logprobs", "with echo (prompt logprobs) is not supported yet")
     common.sampling["logprobs"] = logprobs
+    if echo and logprobs is not None:  # the echoed prompt's tokens get logprobs too
+        common.sampling["prompt_logprobs"] = max(logprobs, common.prompt_logprobs or 0)
     requested = fields.integer("max_tokens", 1)
     prompt_ids, prompt_text = _completion_prompt(fields.get("prompt"), ctx)
     max_tokens = _max_tokens(
@@ -106,9 +107,13 @@ def _parse_common(
     if fields.integer("n", 1) not in (None, 1):
         raise unsupported("n", "must be 1: this server returns one choice per request")
     stream, include_usage, continuous_usage = _stream(fields)
+    prompt_logprobs = fields.integer("prompt_logprobs", 0, MAX_LOGPROBS)  # vLLM's
     return _Common(
         model=model,
-        sampling=sampling_fields(fields, ctx) | processor_fields(fields, ctx),
+        sampling=sampling_fields(fields, ctx)
+        | processor_fields(fields, ctx)
+        | {"prompt_logprobs": prompt_logprobs},
+        prompt_logprobs=prompt_logprobs,
         stop=_stop(fields.get("stop"), ctx),
         stream=stream,
         include_usage=include_usage,
@@ -304,6 +309,7 @@ def _request(
         stream=common.stream,
         include_usage=common.include_usage,
         continuous_usage=common.continuous_usage,
+        prompt_logprobs=common.prompt_logprobs,
         return_token_ids=common.return_token_ids,
         created=int(time.time()) if created is None else created,
     )

@@ -79,6 +79,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
+    prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs` on the choice (top n)
     return_token_ids: bool = False
     created: int = 0
     echo_prompt_text: str | None = None

@@ -37,6 +37,7 @@ def completion_response(
     usage: dict[str, Any],
     token_ids: Sequence[int] = (),
     logprobs: dict[str, Any] | None = None,
+    prompt_logprobs: list | None = None,
 ) -> dict[str, Any]:
     """The non-streamed /v1/completions body (echoed prompt first when asked)."""
     choice = {
@@ -47,6 +48,8 @@ def completion_response(
     }
     if req.return_token_ids:  # vLLM puts both lists on the choice for completions
         choice |= {"prompt_token_ids": list(req.prompt_token_ids), "token_ids": list(token_ids)}
+    if prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs
     return _head(req, "text_completion") | {"choices": [choice], "usage": usage}
 
 
@@ -57,6 +60,7 @@ def chat_response(
     usage: dict[str, Any],
     token_ids: Sequence[int] = (),
     logprobs: dict[str, Any] | None = None,
+    prompt_logprobs: list | None = None,
 ) -> dict[str, Any]:
     """The non-streamed /v1/chat/completions body."""
     choice: dict[str, Any] = {
@@ -66,6 +70,8 @@ def chat_response(
         "finish_reason": finish_reason,
     }
     body = _head(req, "chat.completion") | {"choices": [choice], "usage": usage}
+    if prompt_logprobs is not None:  # vLLM: at the top for chat
+        body["prompt_logprobs"] = prompt_logprobs
     if req.return_token_ids:  # vLLM: prompt ids at the top, generated ids on the choice
         choice["token_ids"] = list(token_ids)
         body["prompt_token_ids"] = list(req.prompt_token_ids)
@@ -172,15 +178,22 @@ class StreamAssembler:
         self._first = True
         self._pending_ids: list[int] = []
         self._pending_logprobs: list[dict[str, Any]] = []
+        self._prompt_logprobs: list | None = None
         self._num_tokens = 0
         self._build = completion_chunk if req.kind == "completion" else chat_chunk
 
     def delta(
-        self, text: str, token_ids: Sequence[int] = (), logprobs: dict[str, Any] | None = None
+        self,
+        text: str,
+        token_ids: Sequence[int] = (),
+        logprobs: dict[str, Any] | None = None,
+        *,
+        prompt_logprobs: list | None = None,
     ) -> list[dict[str, Any]]:
         """Chunks for newly generated text (none when `text` is empty)."""
         self._pending_ids.extend(token_ids)
         self._pending_logprobs += [logprobs] if logprobs else []
+        self._prompt_logprobs = self._prompt_logprobs or prompt_logprobs
         self._num_tokens += len(token_ids)
         if not text:
             return []
@@ -193,10 +206,13 @@ class StreamAssembler:
         text: str = "",
         token_ids: Sequence[int] = (),
         logprobs: dict[str, Any] | None = None,
+        *,
+        prompt_logprobs: list | None = None,
     ) -> list[dict[str, Any]]:
         """The closing chunk (last text, if any, with the finish reason), then usage."""
         self._pending_ids.extend(token_ids)
         self._pending_logprobs += [logprobs] if logprobs else []
+        self._prompt_logprobs = self._prompt_logprobs or prompt_logprobs
         self._num_tokens = usage["completion_tokens"]
         chunks = [self._emit(text, finish_reason)]
         if self.req.include_usage:
@@ -208,5 +224,8 @@ class StreamAssembler:
             self.req, text, finish_reason, self._pending_ids, first=self._first,
             logprobs=merge(self._pending_logprobs),
         )  # fmt: skip
+        if self._prompt_logprobs is not None:  # on the first chunk that goes out
+            chunk["choices"][0]["prompt_logprobs"] = self._prompt_logprobs
         self._first, self._pending_ids, self._pending_logprobs = False, [], []
+        self._prompt_logprobs = None
         return with_running_usage(self.req, chunk, self._num_tokens)
