@@ -37,6 +37,7 @@ from disagg.services.gateway.openai.responses import (
     usage,
     usage_chunk,
 )
+from disagg.services.gateway.openai.tokenize import detokenize, tokenize
 from disagg.shared.protocol.sampling import Logprob, SamplingParams
 from disagg.shared.tokenizer import Tokenizer
 
@@ -538,13 +539,39 @@ def test_chunk_shapes(ctx):
 def test_models_response():
     body = models_response(["a", "b"], created=5, max_model_len=64)
     assert body["object"] == "list"
-    assert body["data"][0] == {
+    first, second = body["data"]
+    (permission,) = first.pop("permission")
+    assert first == {
         "id": "a",
         "object": "model",
         "created": 5,
         "owned_by": "disagg",
         "max_model_len": 64,
+        "root": "a",
+        "parent": None,
     }
+    assert second["root"] == "a"  # every served name is the one model, as vLLM's aliases
+    assert permission["object"] == "model_permission" and permission["allow_logprobs"]
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(ctx, tok):
+    text = "The river flows"
+    body = tokenize({"model": "tiny", "prompt": text}, ctx)
+    assert body == {"count": len(tok.encode(text)), "max_model_len": MAX_MODEL_LEN,
+                    "tokens": tok.encode(text), "token_strs": None}  # fmt: skip
+    bare = tokenize({"prompt": text, "add_special_tokens": False}, ctx)["tokens"]
+    assert bare == tok.encode(text, add_special_tokens=False)
+    chat = tokenize({"messages": [{"role": "user", "content": "Hi"}]}, ctx)
+    assert chat["tokens"] == parse_chat(chat_body(), ctx).prompt_token_ids
+    assert detokenize({"tokens": bare}, ctx) == {"prompt": text}
+    for fn, body, param in (
+        (tokenize, {}, "prompt"), (tokenize, {"prompt": 5}, "prompt"),
+        (detokenize, {"tokens": [1, 384]}, "tokens"), (detokenize, {"tokens": "1"}, "tokens"),
+        (tokenize, {"model": "nope", "prompt": "x"}, "model"),
+    ):  # fmt: skip
+        with pytest.raises(APIError) as info:
+            fn(body, ctx)
+        assert info.value.param == param
 
 
 def test_sse_framing():

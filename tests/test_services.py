@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -281,6 +282,26 @@ def test_echoed_prompt_logprobs_are_lm_evals_loglikelihood(request, model, stack
             assert mine["logprob"] == pytest.approx(ref[i, token].item(), abs=1e-4)
             assert mine["rank"] == int((ref[i] > ref[i, token]).sum()) + 1
     assert_decode_pools_full(up, "decode" if stack == "disagg_stack" else "both")
+
+
+def test_vllm_routes_tokenize_detokenize_version_models(disagg_stack, model):
+    def post(path: str, body: dict):
+        req = _post(disagg_stack.base_url + path, body)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    status, tokens = post("/tokenize", {"model": model.name, "prompt": "Hello there"})
+    assert status == 200 and tokens["count"] == len(tokens["tokens"]) > 0
+    assert post("/detokenize", {"tokens": tokens["tokens"]}) == (200, {"prompt": "Hello there"})
+    status, err = post("/detokenize", {"tokens": ["x"]})
+    assert status == 400 and err["error"]["param"] == "tokens"
+    with urllib.request.urlopen(disagg_stack.base_url + "/version", timeout=10) as resp:
+        assert json.loads(resp.read())["version"]
+    entry = disagg_stack.client().models.list().data[0]
+    assert entry.root == model.name and entry.parent is None and entry.permission
 
 
 def _post(url: str, body: dict) -> urllib.request.Request:

@@ -1,4 +1,5 @@
-"""The HTTP surface of the gateway: OpenAI routes, SSE, /health, /metrics, API keys.
+"""The HTTP surface of the gateway: OpenAI routes, SSE, vLLM's /tokenize, /detokenize and
+/version, /health, /metrics, API keys.
 
 Every error is an OpenAI error body, sent before any SSE header when it happens before the first
 chunk. A client that goes away (before the first chunk, during a non-streamed request, or
@@ -7,7 +8,9 @@ mid-stream) cancels its request, which aborts it on the workers and frees its bl
 
 from __future__ import annotations
 
+import functools
 import hmac
+import importlib.metadata
 import json
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
@@ -29,11 +32,13 @@ from disagg.services.gateway.openai.errors import (
 )
 from disagg.services.gateway.openai.request import GenerationRequest
 from disagg.services.gateway.openai.responses import SSE_DONE, sse
+from disagg.services.gateway.openai.tokenize import detokenize, tokenize
 from disagg.shared.service import Interrupted, unless
 
 T = TypeVar("T")
 OPEN_PATHS = frozenset({"/health"})  # reachable without an API key
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (never sent)
+MAX_TOKENIZE_BODY = 4 << 20
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -162,6 +167,18 @@ def _info_routes(app: FastAPI, gateway, metrics: GatewayMetrics) -> None:
     async def models() -> dict:
         return gateway.models()
 
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": _version()}
+
+    @app.post("/tokenize", responses=schema.error_responses("400", "401", "404"))
+    async def tokenize_route(request: Request) -> dict:
+        return tokenize(await read_json(request, MAX_TOKENIZE_BODY), gateway.ctx)
+
+    @app.post("/detokenize", responses=schema.error_responses("400", "401", "404"))
+    async def detokenize_route(request: Request) -> dict:
+        return detokenize(await read_json(request, MAX_TOKENIZE_BODY), gateway.ctx)
+
     @app.get("/health", responses=schema.error_responses("503"))
     async def health() -> Response:
         if gateway.draining:
@@ -178,6 +195,14 @@ def _info_routes(app: FastAPI, gateway, metrics: GatewayMetrics) -> None:
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("disagg")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _install_openapi(app: FastAPI) -> None:

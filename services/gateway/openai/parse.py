@@ -93,8 +93,7 @@ def parse_chat(
     requested = fields.integer("max_completion_tokens", 1) or legacy
     common.sampling["logprobs"] = chat_logprobs(fields)
     add_generation_prompt = fields.boolean("add_generation_prompt", True)
-    messages = _messages(fields.get("messages"), ctx)
-    prompt_ids = _render_chat(messages, ctx, add_generation_prompt)
+    prompt_ids = render_messages(fields.get("messages"), ctx, add_generation_prompt)
     max_tokens = _max_tokens(requested, len(prompt_ids), ctx, "chat")
     return _request("chat", common, prompt_ids, max_tokens, request_id, created)
 
@@ -102,7 +101,7 @@ def parse_chat(
 def _parse_common(
     fields: Fields, ctx: ParseContext, neutral: dict[str, Callable[[Any], bool]]
 ) -> _Common:
-    model = _model(fields.get("model"), ctx)
+    model = check_model(fields.get("model"), ctx)
     check_unsupported(fields, neutral)
     if fields.integer("n", 1) not in (None, 1):
         raise unsupported("n", "must be 1: this server returns one choice per request")
@@ -122,7 +121,8 @@ def _parse_common(
     )
 
 
-def _model(value: Any, ctx: ParseContext) -> str:
+def check_model(value: Any, ctx: ParseContext) -> str:
+    """The served model a request names (the first one when it names none); 404 otherwise."""
     if value is None:  # vLLM serves its first model name when none is given
         return ctx.served_models[0]
     if not isinstance(value, str):
@@ -192,6 +192,11 @@ def _text_prompt(text: str, ctx: ParseContext) -> list[int]:
     if not ids:
         raise invalid_request("The prompt must not be empty.", "prompt", "empty_prompt")
     return ids
+
+
+def render_messages(value: Any, ctx: ParseContext, add_generation_prompt: bool) -> list[int]:
+    """A validated `messages` array through the chat template, as token ids."""
+    return _render_chat(_messages(value, ctx), ctx, add_generation_prompt)
 
 
 def _messages(value: Any, ctx: ParseContext) -> list[dict[str, str]]:

@@ -149,12 +149,21 @@ def usage_chunk(req: GenerationRequest, usage: dict[str, Any]) -> dict[str, Any]
 def models_response(
     names: Iterable[str], created: int, owned_by: str = "disagg", max_model_len: int | None = None
 ) -> dict[str, Any]:
-    """The /v1/models body (vLLM adds `max_model_len` to each model)."""
+    """The /v1/models body, each entry as vLLM's: `root` (the model every name serves),
+    `parent`, `max_model_len` and one permission record."""
+    names = list(names)
     extra = {} if max_model_len is None else {"max_model_len": max_model_len}
+    permission = {
+        "id": f"modelperm-{created}", "object": "model_permission", "created": created,
+        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+        "organization": "*", "group": None, "is_blocking": False,
+    }  # fmt: skip
     data = [
-        {"id": name, "object": "model", "created": created, "owned_by": owned_by} | extra
+        {"id": name, "object": "model", "created": created, "owned_by": owned_by,
+         "root": names[0], "parent": None, "permission": [permission]} | extra
         for name in names
-    ]
+    ]  # fmt: skip
     return {"object": "list", "data": data}
 
 
