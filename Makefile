@@ -7,11 +7,12 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup test up lint format clean
+.PHONY: help setup test up clients lint format clean
 
 help:
 	@echo "make up     set up .venv and start the whole stack (disagg up) on a tiny built-in model"
 	@echo "make test   set up .venv and run the test suite"
+	@echo "make clients  lm-eval, guidellm and the openai SDK against disagg up (own venv)"
 	@echo "make lint   ruff check + format check"
 
 $(STAMP): pyproject.toml
@@ -29,6 +30,9 @@ test: $(STAMP)
 
 up: $(STAMP)
 	$(VENV)/bin/disagg up
+
+clients:
+	bash tests/clients/run.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services shared kernels cli tests benchmarks

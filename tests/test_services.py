@@ -275,6 +275,16 @@ def test_echoed_prompt_logprobs_are_lm_evals_loglikelihood(request, model, stack
         ref = hf_logprobs(model, prompt[:1], prompt[1:] + output)  # rows predict tokens 1..n
         for i, token in enumerate(prompt[1:] + output):
             assert block["token_logprobs"][i + 1] == pytest.approx(ref[i, token].item(), abs=1e-4)
+        # lm-eval's parse_logprobs: context of 6 tokens, the rest is the continuation scored
+        ctxlen, cont = 6, prompt[6:]
+        loglik = sum(block["token_logprobs"][ctxlen:-1])
+        ref_loglik = sum(ref[ctxlen - 1 + i, t].item() for i, t in enumerate(cont))
+        assert loglik == pytest.approx(ref_loglik, abs=1e-3)
+        greedy = all(
+            max(top, key=top.get) == tok
+            for top, tok in zip(block["top_logprobs"][ctxlen:-1], block["tokens"][ctxlen:-1])
+        )
+        assert greedy == all(int(ref[ctxlen - 1 + i].argmax()) == t for i, t in enumerate(cont))
         vllm = choice["prompt_logprobs"]
         assert vllm[0] is None and len(vllm) == len(prompt)
         for i, token in enumerate(prompt[1:]):
