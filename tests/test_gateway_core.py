@@ -619,9 +619,9 @@ def test_stream_assembler_empty_output(ctx):
 # Detokenizer
 
 
-def feed(tok, text_or_ids, stop=(), batch=1, prompt=None):
+def feed(tok, text_or_ids, stop=(), batch=1, prompt=None, **options):
     ids = tok.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
-    det = StreamDetokenizer(tok, list(stop), prompt)
+    det = StreamDetokenizer(tok, list(stop), prompt, **options)
     deltas = [det.push(ids[i : i + batch]) for i in range(0, len(ids), batch)]
     deltas.append(det.flush())
     return det, deltas
@@ -655,6 +655,20 @@ def test_stop_inside_a_token(tok):
     det, deltas = feed(tok, "hello world", stop=["l"])
     assert "".join(d.text for d in deltas) == "he"
     assert det.stopped and det.num_tokens == 2
+
+
+def test_include_stop_str_in_output_and_special_tokens(tok, ctx):
+    det, deltas = feed(tok, "hello world", stop=["lo wo"], include_stop=True)
+    assert "".join(d.text for d in deltas) == "hello wo" and det.stopped
+    ids = tok.encode("hi") + [tok.token_to_id(tok.eos_token)] + tok.encode(" there")
+    _, plain = feed(tok, ids)
+    _, raw = feed(tok, ids, skip_special_tokens=False)
+    assert tok.eos_token not in "".join(d.text for d in plain)
+    assert tok.eos_token in "".join(d.text for d in raw)
+    req = parse_completion(
+        completion_body(include_stop_str_in_output=True, skip_special_tokens=False), ctx
+    )
+    assert req.include_stop_str and not req.skip_special_tokens
 
 
 def test_stop_spanning_tokens(tok):

@@ -170,7 +170,10 @@ class Gateway:
     async def _events(self, req: GenerationRequest, slot: Slot) -> AsyncIterator[Delta]:
         """Deltas, the last one a Finished; BackendError -> APIError. Releases `slot`."""
         start = last = time.monotonic()
-        detok = StreamDetokenizer(self.ctx.tokenizer, req.stop, req.prompt_token_ids)
+        detok = StreamDetokenizer(
+            self.ctx.tokenizer, req.stop, req.prompt_token_ids,
+            include_stop=req.include_stop_str, skip_special_tokens=req.skip_special_tokens,
+        )  # fmt: skip
         logprobs = _Logprobs(req, self.ctx.tokenizer)
         ids: list[int] = []
         reason, cached, served = "error", 0, False

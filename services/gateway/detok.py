@@ -50,10 +50,16 @@ class StreamDetokenizer:
         tokenizer: Decoder,
         stop: Sequence[str] = (),
         prompt_token_ids: Sequence[int] | None = None,
+        *,
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
     ) -> None:
+        """``include_stop``: the matched stop string ends the text (vLLM's
+        include_stop_str_in_output); ``skip_special_tokens`` False decodes them as text."""
         if any(not s for s in stop):
             raise ValueError("stop strings must not be empty")
         self._tok = tokenizer
+        self._include_stop, self._skip_special = include_stop, skip_special_tokens
         self._stop = tuple(dict.fromkeys(stop))
         self._ids = _prompt_context(tokenizer, prompt_token_ids)
         # The first window starts at the context: its text is the already-known prefix.
@@ -113,7 +119,7 @@ class StreamDetokenizer:
     def _decode(self, start: int, end: int) -> str:
         if start >= end:
             return ""
-        return self._tok.decode(self._ids[start:end], skip_special_tokens=True)
+        return self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip_special)
 
     def _stop_filter(self, text: str) -> str:
         """Append `text` to the held text; return what is certainly before any stop string."""
@@ -124,7 +130,7 @@ class StreamDetokenizer:
         if match is not None:
             start, stop = match
             self.stopped, self.matched_stop, self._held = True, stop, ""
-            return buffer[:start]
+            return buffer[: start + (len(stop) if self._include_stop else 0)]
         keep = _partial_stop_start(buffer, self._stop)
         self._held = buffer[keep:]
         return buffer[:keep]

@@ -105,8 +105,6 @@ def is_off(value: Any) -> bool:
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "best_of": lambda v: v is None or (is_int(v) and v == 1),
     "use_beam_search": is_off,
-    "include_stop_str_in_output": is_off,
-    "skip_special_tokens": lambda v: v is None or v is True,
     "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [],
     "functions": lambda v: v is None or v == [],

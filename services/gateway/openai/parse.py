@@ -59,6 +59,8 @@ class _Common:
     continuous_usage: bool
     return_token_ids: bool
     prompt_logprobs: int | None
+    include_stop_str: bool
+    skip_special_tokens: bool
 
 
 def parse_completion(
@@ -118,6 +120,8 @@ def _parse_common(
         include_usage=include_usage,
         continuous_usage=continuous_usage,
         return_token_ids=fields.boolean("return_token_ids", False),
+        include_stop_str=fields.boolean("include_stop_str_in_output", False),
+        skip_special_tokens=fields.boolean("skip_special_tokens", True),
     )
 
 
@@ -315,6 +319,8 @@ def _request(
         include_usage=common.include_usage,
         continuous_usage=common.continuous_usage,
         prompt_logprobs=common.prompt_logprobs,
+        include_stop_str=common.include_stop_str,
+        skip_special_tokens=common.skip_special_tokens,
         return_token_ids=common.return_token_ids,
         created=int(time.time()) if created is None else created,
     )

@@ -80,6 +80,8 @@ class GenerationRequest:
     include_usage: bool = False
     continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
     prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs` on the choice (top n)
+    include_stop_str: bool = False  # vLLM's include_stop_str_in_output
+    skip_special_tokens: bool = True
     return_token_ids: bool = False
     created: int = 0
     echo_prompt_text: str | None = None
