@@ -113,7 +113,7 @@ BAD_COMMON = [
     ("stop_token_ids", list(range(65)), 400, "invalid_request_error"),
     ("ignore_eos", "yes", 400, "invalid_request_error"),
     ("ignore_eos", 1, 400, "invalid_request_error"),
-    ("n", 2, 400, "invalid_request_error"),
+    ("n", 17, 400, "invalid_request_error"),  # over 16 choices
     ("n", 0, 400, "invalid_request_error"),
     ("n", True, 400, "invalid_request_error"),
     ("stream", "true", 400, "invalid_request_error"),
@@ -143,8 +143,8 @@ BAD_COMPLETION = [
     ("prompt", 5, "prompt"),
     ("prompt", "", "prompt"),
     ("prompt", [], "prompt"),
-    ("prompt", ["a", "b"], "prompt"),
-    ("prompt", [[1, 2], [3]], "prompt"),
+    ("prompt", ["a"] * 17, "prompt"),  # over 16 prompts
+    ("prompt", [[1, "a"], [3]], "prompt"),
     ("prompt", [1, "a"], "prompt"),
     ("prompt", [1, 384], "prompt"),
     ("prompt", [-1], "prompt"),
@@ -228,10 +228,19 @@ def test_stream_options_checked_inside(ctx):
     assert info.value.param == "stream_options"
 
 
-def test_batch_prompt_message_says_why(ctx):
+def test_prompts_and_n_become_indexed_choices_with_their_own_seeds(ctx, tok):
+    req = parse_completion(completion_body(prompt=["one", [5, 6]], n=2, seed=9), ctx)
+    assert [c.index for c in req.choices] == [0, 1, 2, 3]
+    assert [c.prompt_token_ids for c in req.choices] == [tok.encode("one")] * 2 + [[5, 6]] * 2
+    seeds = [c.params.seed for c in req.choices]
+    assert seeds[0] == seeds[2] == 9 and seeds[1] == seeds[3] != 9  # per sequence, per prompt
+    assert len({c.request_id for c in req.choices}) == 4
+    assert {c.response_id for c in req.choices} == {req.request_id}
+    assert parse_completion(completion_body(prompt=["one"]), ctx).choices == []  # one prompt
     with pytest.raises(APIError) as info:
-        parse_completion(completion_body(prompt=["one", "two"]), ctx)
-    assert "one prompt per request" in info.value.message
+        parse_completion(completion_body(prompt=["a"] * 9, n=2), ctx)
+    assert info.value.param == "n"  # 18 choices
+    assert parse_completion(completion_body(n=3, best_of=3), ctx).choices
 
 
 def test_model_not_found_message(ctx):

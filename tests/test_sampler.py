@@ -152,20 +152,27 @@ def test_prompt_logprobs_over_chunks_equal_transformers_and_skip_the_prefix_cach
         assert [t for t, _ in lp.top] == ref[i].topk(2).indices.tolist()
 
 
-def test_the_top_candidates_shortcut_draws_what_a_full_sort_draws(monkeypatch):
-    from disagg.shared.engine import sampler
+def reference_kept(probs: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """Top-k then top-p the plain way: sort descending, keep while the mass before < top_p."""
+    values, order = probs.sort(descending=True)
+    kept, mass = set(), 0.0
+    for rank, (v, i) in enumerate(zip(values.tolist(), order.tolist())):
+        if (top_k and rank >= top_k) or (rank and mass >= top_p * probs.sum().item()):
+            break
+        kept.add(i)
+        mass += v
+    return kept
 
+
+def test_top_k_top_p_thresholds_keep_what_a_descending_sort_keeps():
     gen = torch.Generator().manual_seed(3)
-    vocab, n = 600, 300
-    # Peaked rows (the nucleus is in the first candidates) and flat ones (it is not).
+    vocab, n = 300, 400
+    # Peaked rows (a small nucleus) and flat ones (a wide one).
     logits = torch.randn(n, vocab, generator=gen) * torch.linspace(0.1, 8.0, n)[:, None]
-    cases = [SamplingParams(temperature=1.0, top_p=0.9, seed=5),
-             SamplingParams(temperature=0.8, top_k=400, seed=6),
-             SamplingParams(temperature=1.2, top_k=50, top_p=0.5, min_p=0.01, seed=7)]  # fmt: skip
-    for params in cases:
+    for top_k, top_p in ((0, 0.9), (40, 1.0), (25, 0.5)):
+        params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, seed=5)
         rows = [Row(SeqState.new(params, [1], vocab), [0] * i) for i in range(n)]
-        monkeypatch.setattr(sampler, "CANDIDATES", 16)
-        short, _ = sample(logits.clone(), rows)
-        monkeypatch.setattr(sampler, "CANDIDATES", vocab)
-        full, _ = sample(logits.clone(), rows)
-        assert short == full, params
+        tokens, _ = sample(logits.clone(), rows)
+        probs = torch.softmax(logits, -1)
+        for row, token in enumerate(tokens):
+            assert token in reference_kept(probs[row], top_k, top_p), (top_k, top_p, row)

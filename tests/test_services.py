@@ -294,6 +294,41 @@ def test_echoed_prompt_logprobs_are_lm_evals_loglikelihood(request, model, stack
     assert_decode_pools_full(up, "decode" if stack == "disagg_stack" else "both")
 
 
+def test_n_and_several_prompts_are_indexed_choices(disagg_stack, model):
+    client = disagg_stack.client()
+    ask = dict(model=model.name, prompt="The market opened", max_tokens=8, temperature=1.0,
+               n=3, seed=11, extra_body={"return_token_ids": True, "ignore_eos": True})  # fmt: skip
+    first, again = client.completions.create(**ask), client.completions.create(**ask)
+    ids = [c.token_ids for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in first.choices] == [0, 1, 2] and len({tuple(i) for i in ids}) == 3
+    assert [c.token_ids for c in again.choices] == ids  # each sequence has a seed of its own
+    assert first.usage.completion_tokens == 24
+    solo = client.completions.create(**(ask | {"n": 1}))
+    assert solo.choices[0].token_ids == ids[0]  # sequence 0 keeps the request's seed
+    stream = client.completions.create(
+        model=model.name, prompt=["The river", "A road"], max_tokens=5, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )  # fmt: skip
+    per_choice: dict[int, list[int]] = {0: [], 1: []}
+    chunks = list(stream)
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            per_choice[c.index] += c.token_ids or []
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+    for index, text in enumerate(("The river", "A road")):
+        extra = {"return_token_ids": True, "ignore_eos": True}
+        resp = client.completions.create(
+            model=model.name, prompt=text, max_tokens=5, temperature=0, extra_body=extra
+        )
+        assert per_choice[index] == resp.choices[0].token_ids
+    chat = client.chat.completions.create(model=model.name, n=2, max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": "Hi"}])  # fmt: skip
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy
+    assert_decode_pools_full(disagg_stack, "decode")
+
+
 def test_vllm_routes_tokenize_detokenize_version_models(disagg_stack, model):
     def post(path: str, body: dict):
         req = _post(disagg_stack.base_url + path, body)

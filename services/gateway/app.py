@@ -124,7 +124,7 @@ def _error_handlers(app: FastAPI) -> None:
 def _generation_routes(app: FastAPI, gateway, max_body_bytes: int) -> None:
     async def generate(request: Request, kind: str) -> Response:
         req = gateway.parse(kind, await read_json(request, max_body_bytes))
-        slot = gateway.admit()
+        slot = gateway.admit(req)
         try:
             return await _respond(request, gateway, req, slot)
         except Interrupted:  # nobody reads this answer

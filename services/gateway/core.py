@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.services.gateway.backend import Backend, BackendError
+from disagg.services.gateway.choices import merged_chunks, merged_complete
 from disagg.services.gateway.detok import StreamDetokenizer
 from disagg.services.gateway.metrics import GatewayMetrics
 from disagg.services.gateway.openai.errors import (
@@ -80,19 +81,20 @@ class _Logprobs:
 
 
 class Slot:
-    """One admitted request's place under --max-concurrent-requests; `release` is idempotent
-    (whoever ends the request calls it)."""
+    """One admitted request's place under --max-concurrent-requests (``weight``: its choices);
+    `release` is idempotent (whoever ends the request calls it)."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
-        self.released = False
-        gateway.running += 1
-        gateway.metrics.set_num_requests(gateway.running, 0)
+    def __init__(self, gateway: Gateway | None, weight: int = 1) -> None:
+        self._gateway, self.weight = gateway, weight
+        self.released = gateway is None  # a choice's slot: its request holds the real one
+        if gateway is not None:
+            gateway.running += weight
+            gateway.metrics.set_num_requests(gateway.running, 0)
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._gateway.running -= 1
+            self._gateway.running -= self.weight
             self._gateway.metrics.set_num_requests(self._gateway.running, 0)
 
 
@@ -119,25 +121,41 @@ class Gateway:
             parse_completion(body, self.ctx) if kind == "completion" else parse_chat(body, self.ctx)
         )
 
-    def admit(self) -> Slot:
-        """Take a slot; 429 beyond the bound, 503 while draining or with no worker of a role."""
+    def admit(self, req: GenerationRequest | None = None) -> Slot:
+        """Take a slot (one per choice of ``req``); 429 beyond the bound, 503 while draining or
+        with no worker of a role."""
+        weight = max(1, len(req.choices)) if req is not None else 1
         if self.draining:
             raise service_unavailable("the gateway is shutting down", 1)
-        if self.running >= self.max_concurrent:
+        if self.running + weight > self.max_concurrent:
             self.metrics.observe_rejected("queue_full")
             raise queue_full(retry_after_s=1)
         if not self.backend.can_serve():
             self.metrics.observe_rejected("no_worker")
             raise service_unavailable("no worker can serve this request right now", 1)
-        return Slot(self)
+        return Slot(self, weight)
 
     async def chunks(self, req: GenerationRequest, slot: Slot) -> AsyncIterator[dict[str, Any]]:
         """The OpenAI chunk dicts of a streamed request (errors after the first become chunks)."""
+        if req.choices:
+            async for chunk in merged_chunks(self, req, slot):
+                yield chunk
+            return
+        async for chunk in self.stream_one(req, slot):
+            yield chunk
+
+    async def stream_one(
+        self, req: GenerationRequest, slot: Slot, usage_out: list | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One choice's chunks; its usage goes to ``usage_out`` when given (a merged stream
+        sends one usage chunk for all its choices)."""
         assembler = StreamAssembler(req)
         events = self._events(req, slot)
         try:
             async for item in events:
                 if isinstance(item, Finished):
+                    if usage_out is not None:
+                        usage_out.append(item.usage)
                     for chunk in assembler.finish(
                         item.finish_reason, item.usage, item.text, item.token_ids, item.logprobs,
                         prompt_logprobs=item.prompt_logprobs,
@@ -153,6 +171,8 @@ class Gateway:
             await events.aclose()
 
     async def complete(self, req: GenerationRequest, slot: Slot) -> dict[str, Any]:
+        if req.choices:
+            return await merged_complete(self, req, slot)
         text, ids, blocks, prompt = [], [], [], None
         async for item in self._events(req, slot):
             text.append(item.text)

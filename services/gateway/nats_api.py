@@ -97,7 +97,7 @@ class NatsApi:
             return
         try:
             req = self.gateway.parse(kind, parse_json(msg.data))
-            slot = self.gateway.admit()
+            slot = self.gateway.admit(req)
         except APIError as err:
             await self._send(inbox, err.body(), done=_wants_stream(msg.data))
             return

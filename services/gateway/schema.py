@@ -1,10 +1,11 @@
 """The OpenAPI description of the HTTP API, for documentation and schema-driven tests only.
 
-Validation stays in `openai.py` (strict, with OpenAI error bodies): these pydantic models are never
+Validation stays in `openai/` (strict, with OpenAI error bodies): these pydantic models are never
 used to parse a request. They describe a superset of what the validator accepts — any body they
 reject, the validator rejects too — so a schema-driven fuzzer can check both directions of
-"invalid in, 4xx out". Cross-field rules (the context length, `stream_options` needing `stream`,
-one choice per request) are the validator's alone.
+"invalid in, 4xx out". Cross-field rules and bounds set by flags (the context length,
+`stream_options` needing `stream`, `best_of` equal to `n`, the number of stop strings, token ids
+inside the vocabulary) are the validator's alone.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from disagg.services.gateway.openai.request import ROLES, SEED_MAX, SEED_MIN
+from disagg.shared.protocol.sampling import MAX_LOGPROBS
 
 NonNegativeTemp = Annotated[float, Field(ge=0.0, le=2.0)]
 StopString = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+MAX_CHOICES = 16
 
 
 class _Body(BaseModel):
@@ -34,29 +40,44 @@ class _Common(_Body):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    stop: StopString | list[StopString] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     ignore_eos: bool | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = None
+    prompt_logprobs: TopN | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     return_token_ids: bool | None = None
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(_Common):
-    """POST /v1/completions: one prompt (text, token ids, or a batch of one of either)."""
+    """POST /v1/completions: a prompt (text or token ids), or a list of them (one choice each)."""
 
     prompt: (
         Annotated[str, Field(min_length=1)]
         | TokenIds
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_CHOICES)
+        ]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
     )
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     echo: bool | None = None
+    logprobs: TopN | None = None
 
 
 class TextPart(_Body):
@@ -77,6 +98,8 @@ class ChatCompletionRequest(_Common):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     add_generation_prompt: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopN | None = None
 
 
 ERROR_SCHEMA: dict[str, Any] = {

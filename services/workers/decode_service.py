@@ -78,6 +78,7 @@ class DecodeService(WorkerService):
             self.gateways.pop(req.request_id, None)
             kind = "rate_limit_error" if err.status == 429 else None
             return error_reply(str(err), err.status, kind=kind)
+        log.info("admitted", request_id=req.request_id, prefill_id=req.prefill_id)
         return encode(AdmitReply(request_id=req.request_id, transfer=transfer))
 
     async def _admit(self, req: AdmitRequest) -> TransferDescriptor | None:

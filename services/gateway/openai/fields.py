@@ -103,7 +103,6 @@ def is_off(value: Any) -> bool:
 
 # Parameters that are accepted only at their neutral value (which is also their default).
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "best_of": lambda v: v is None or (is_int(v) and v == 1),
     "use_beam_search": is_off,
     "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [],

@@ -9,10 +9,11 @@ silently ignored. Unknown fields are ignored, as vLLM does.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from disagg.services.gateway.openai.errors import (
@@ -59,6 +60,7 @@ class _Common:
     continuous_usage: bool
     return_token_ids: bool
     prompt_logprobs: int | None
+    n: int
     include_stop_str: bool
     skip_special_tokens: bool
 
@@ -75,13 +77,15 @@ def parse_completion(
     if echo and logprobs is not None:  # the echoed prompt's tokens get logprobs too
         common.sampling["prompt_logprobs"] = max(logprobs, common.prompt_logprobs or 0)
     requested = fields.integer("max_tokens", 1)
-    prompt_ids, prompt_text = _completion_prompt(fields.get("prompt"), ctx)
-    max_tokens = _max_tokens(
-        requested, len(prompt_ids), ctx, "completion", default=COMPLETION_DEFAULT_MAX_TOKENS
-    )
-    request = _request("completion", common, prompt_ids, max_tokens, request_id, created)
-    request.echo_prompt_text = prompt_text if echo else None
-    return request
+    choices = []
+    for prompt_ids, prompt_text in _completion_prompts(fields.get("prompt"), ctx):
+        max_tokens = _max_tokens(
+            requested, len(prompt_ids), ctx, "completion", default=COMPLETION_DEFAULT_MAX_TOKENS
+        )
+        request = _request("completion", common, prompt_ids, max_tokens, request_id, created)
+        request.echo_prompt_text = prompt_text if echo else None
+        choices.append(request)
+    return with_choices(choices, common.n, ctx)
 
 
 def parse_chat(
@@ -97,7 +101,8 @@ def parse_chat(
     add_generation_prompt = fields.boolean("add_generation_prompt", True)
     prompt_ids = render_messages(fields.get("messages"), ctx, add_generation_prompt)
     max_tokens = _max_tokens(requested, len(prompt_ids), ctx, "chat")
-    return _request("chat", common, prompt_ids, max_tokens, request_id, created)
+    request = _request("chat", common, prompt_ids, max_tokens, request_id, created)
+    return with_choices([request], common.n, ctx)
 
 
 def _parse_common(
@@ -105,8 +110,10 @@ def _parse_common(
 ) -> _Common:
     model = check_model(fields.get("model"), ctx)
     check_unsupported(fields, neutral)
-    if fields.integer("n", 1) not in (None, 1):
-        raise unsupported("n", "must be 1: this server returns one choice per request")
+    n = fields.integer("n", 1, ctx.max_choices) or 1
+    best_of = fields.integer("best_of", 1)
+    if best_of is not None and best_of != n:
+        raise unsupported("best_of", "must equal n: every sequence generated is returned")
     stream, include_usage, continuous_usage = _stream(fields)
     prompt_logprobs = fields.integer("prompt_logprobs", 0, MAX_LOGPROBS)  # vLLM's
     return _Common(
@@ -120,6 +127,7 @@ def _parse_common(
         include_usage=include_usage,
         continuous_usage=continuous_usage,
         return_token_ids=fields.boolean("return_token_ids", False),
+        n=n,
         include_stop_str=fields.boolean("include_stop_str_in_output", False),
         skip_special_tokens=fields.boolean("skip_special_tokens", True),
     )
@@ -165,23 +173,24 @@ def _stop(value: Any, ctx: ParseContext) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def _completion_prompt(value: Any, ctx: ParseContext) -> tuple[list[int], str]:
-    """(prompt ids, prompt text) of a string, [string], token ids or [token ids] prompt."""
+def _completion_prompts(value: Any, ctx: ParseContext) -> list[tuple[list[int], str]]:
+    """(prompt ids, prompt text) of each prompt: a string, token ids, or an array of either."""
     if value is None:
         raise missing("prompt")
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]  # a batch of one is one prompt
+    if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+        if len(value) > ctx.max_choices:
+            expected = f"at most {ctx.max_choices} prompts"
+            raise value_error("prompt", expected, f"{len(value)} prompts")
+        return [_completion_prompt(v, ctx) for v in value]
+    return [_completion_prompt(value, ctx)]
+
+
+def _completion_prompt(value: Any, ctx: ParseContext) -> tuple[list[int], str]:
     if isinstance(value, str):
         return _text_prompt(value, ctx), value
     expected = "a string, an array of strings or an array of token ids"
     if not isinstance(value, list):
         raise type_error("prompt", expected, value)
-    if len(value) > 1 and all(isinstance(v, (str, list)) for v in value):
-        message = (
-            "Batched prompts are not supported: this server takes one prompt per request "
-            "(n=1, batch=1). Send one request per prompt."
-        )
-        raise invalid_request(message, "prompt", "unsupported")
     if not value:
         raise invalid_request("The prompt must not be empty.", "prompt", "empty_prompt")
     ids = token_ids(value, "prompt", ctx)
@@ -324,3 +333,31 @@ def _request(
         return_token_ids=common.return_token_ids,
         created=int(time.time()) if created is None else created,
     )
+
+
+def with_choices(prompts: list[GenerationRequest], n: int, ctx: ParseContext) -> GenerationRequest:
+    """One request whose ``choices`` are every prompt x ``n`` sequences, indexed in OpenAI's
+    order (prompt-major). Each sequence draws from a seed of its own (a seeded request's
+    sequence 0 keeps the seed itself), so n seeded samples differ and repeat."""
+    if len(prompts) * n > ctx.max_choices:
+        expected = f"at most {ctx.max_choices} choices (prompts x n)"
+        raise value_error("n", expected, f"{len(prompts) * n} choices")
+    head = prompts[0]
+    if len(prompts) == 1 and n == 1:
+        return head
+    choices = []
+    for i, req in enumerate(prompts):
+        for j in range(n):
+            index = i * n + j
+            params = req.params.replace(seed=sequence_seed(req.params.seed, j))
+            choices.append(replace(req, request_id=f"{head.request_id}-{index}", index=index,
+                                   params=params, response_id=head.request_id))  # fmt: skip
+    return replace(head, choices=choices)
+
+
+def sequence_seed(seed: int | None, sequence: int) -> int | None:
+    """Sequence j's seed: the request's for j = 0, else a 63-bit mix of (seed, j)."""
+    if seed is None or sequence == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{sequence}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest) >> 1

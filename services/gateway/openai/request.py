@@ -38,6 +38,7 @@ class ParseContext:
     max_stop_strings: int = 32
     max_logit_bias: int = 300  # OpenAI's bound on logit_bias entries
     max_bad_words: int = 128
+    max_choices: int = 16  # prompts x n in one request
     max_stop_chars: int = 200
     max_stop_token_ids: int = 64
 
@@ -82,6 +83,11 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs` on the choice (top n)
     include_stop_str: bool = False  # vLLM's include_stop_str_in_output
     skip_special_tokens: bool = True
+    # Several choices (a list of prompts, or n > 1): each a request of its own, answered in
+    # one body; `index` is a choice's place, `response_id` the id every choice answers under.
+    choices: list[GenerationRequest] = field(default_factory=list)
+    index: int = 0
+    response_id: str | None = None
     return_token_ids: bool = False
     created: int = 0
     echo_prompt_text: str | None = None

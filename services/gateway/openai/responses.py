@@ -23,7 +23,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 def _head(req: GenerationRequest, object_name: str) -> dict[str, Any]:
-    return {"id": req.request_id, "object": object_name, "created": req.created, "model": req.model}
+    rid = req.response_id or req.request_id
+    return {"id": rid, "object": object_name, "created": req.created, "model": req.model}
 
 
 def _chunk_object(req: GenerationRequest) -> str:
@@ -41,7 +42,7 @@ def completion_response(
 ) -> dict[str, Any]:
     """The non-streamed /v1/completions body (echoed prompt first when asked)."""
     choice = {
-        "index": 0,
+        "index": req.index,
         "text": (req.echo_prompt_text or "") + text,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
@@ -64,7 +65,7 @@ def chat_response(
 ) -> dict[str, Any]:
     """The non-streamed /v1/chat/completions body."""
     choice: dict[str, Any] = {
-        "index": 0,
+        "index": req.index,
         "message": {"role": "assistant", "content": text},
         "logprobs": logprobs,
         "finish_reason": finish_reason,
@@ -90,7 +91,8 @@ def completion_chunk(
     """One streamed /v1/completions chunk; the `first` one carries the echoed prompt and, with
     return_token_ids, the prompt ids."""
     echo = (req.echo_prompt_text or "") if first else ""
-    choice = {"index": 0, "text": echo + text, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": req.index, "text": echo + text, "logprobs": logprobs,
+              "finish_reason": finish_reason}  # fmt: skip
     if req.return_token_ids:
         if first:
             choice["prompt_token_ids"] = list(req.prompt_token_ids)
@@ -112,7 +114,8 @@ def chat_chunk(
     message: dict[str, Any] = {"role": "assistant", "content": delta} if first else {}
     if delta and not first:
         message["content"] = delta
-    choice = {"index": 0, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": req.index, "delta": message, "logprobs": logprobs,
+              "finish_reason": finish_reason}  # fmt: skip
     if req.return_token_ids:
         choice["token_ids"] = list(token_ids)
     chunk = _chunk(req, choice)
