@@ -252,8 +252,10 @@ class Backend:
         while True:
             if stream.overflowed:
                 raise BackendError(503, "the client did not read the stream fast enough")
-            try:
-                item = await asyncio.wait_for(stream.queue.get(), deadline - time.monotonic())
+            try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can lose a cancellation (an
+                # abort) that lands as the chunk arrives; this runs once per token
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    item = await stream.queue.get()
             except TimeoutError:
                 raise stream.timed_out(timeout) from None
             if isinstance(item, StreamChunk):

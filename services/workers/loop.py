@@ -68,7 +68,8 @@ class ComputeLoop:
             self._commands.put_nowait((fn, args, future))
         except queue.Full:
             raise BusyError(f"{self._commands.maxsize} commands queued") from None
-        return await asyncio.wait_for(future, timeout)
+        async with asyncio.timeout(timeout):  # not wait_for, which can lose a cancellation
+            return await future
 
     def _run(self) -> None:
         try:

@@ -180,8 +180,9 @@ class WorkerService(abc.ABC):
 
     async def _publisher(self, stop: asyncio.Event) -> None:
         while not (stop.is_set() and self._publish.empty()):
-            try:
-                subject, message = await asyncio.wait_for(self._publish.get(), 0.2)
+            try:  # asyncio.timeout: wait_for can lose a cancellation on 3.11
+                async with asyncio.timeout(0.2):
+                    subject, message = await self._publish.get()
             except TimeoutError:
                 continue
             await publish(self.nc, subject, encode(message))
