@@ -5,6 +5,7 @@ coded error replies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
@@ -188,6 +189,17 @@ async def _connect_unless_refused(nc: NATS, options: dict, refused: asyncio.Even
 
 class Interrupted(Exception):
     """`unless` cancelled its work because the trigger fired first."""
+
+
+async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``event`` is set, whichever is first; True if it is set.
+
+    ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11 wait_for can lose a
+    cancellation that lands as its awaitable completes."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
 
 
 async def unless(trigger: Callable[[], Awaitable[Any]], work: Awaitable[T]) -> T:

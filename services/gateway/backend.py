@@ -18,7 +18,6 @@ Every attempt that ends early is aborted on the workers holding it, which frees 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -49,7 +48,7 @@ from disagg.shared.protocol.messages import (
 from disagg.shared.protocol.sampling import SamplingParams
 from disagg.shared.protocol.subjects import Subjects
 from disagg.shared.protocol.types import DEFAULT_BLOCK_SIZE, MessageError, Role
-from disagg.shared.service import Interrupted, unless
+from disagg.shared.service import Interrupted, sleep_unless, unless
 
 __all__ = ["Backend", "BackendError", "Timeouts", "TokenEvent"]
 
@@ -123,8 +122,7 @@ class Backend:
         async with asyncio.TaskGroup() as self._tasks:
             while not until.is_set():
                 self.expire()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(until.wait(), WATCH_PERIOD_S)
+                await sleep_unless(until, WATCH_PERIOD_S)
         self._tasks = None
 
     def expire(self) -> list[str]:

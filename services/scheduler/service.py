@@ -40,7 +40,13 @@ from disagg.shared.log import get_logger
 from disagg.shared.protocol.codec import decode, encode, error_reply
 from disagg.shared.protocol.messages import Heartbeat, PlaceReply, PlaceRequest, SchedulerStats
 from disagg.shared.protocol.types import MessageError, new_request_id
-from disagg.shared.service import connect_nats, publish, publish_reply, run_service
+from disagg.shared.service import (
+    connect_nats,
+    publish,
+    publish_reply,
+    run_service,
+    sleep_unless,
+)
 
 log = get_logger("disagg.scheduler")
 TICK_S = 0.25  # held placements time out within this of --max-hold-s
@@ -100,8 +106,7 @@ class SchedulerService:
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 await self._publish_stats(now)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK_S)
+            await sleep_unless(stop, TICK_S)
         await self._stop_placing(placing)
         await nc.drain()
         log.info("scheduler_stopped")

@@ -9,7 +9,6 @@ are failed at once and their blocks freed (rather than at their deadline).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections.abc import Coroutine
@@ -31,7 +30,7 @@ from disagg.shared.protocol.messages import (
     prompt_logprob_chunks,
 )
 from disagg.shared.protocol.types import MessageError, Role
-from disagg.shared.service import guarded
+from disagg.shared.service import guarded, sleep_unless
 from disagg.shared.transfer.sockets import KVReceiver
 
 PEER_WATCH_S = 0.5
@@ -104,8 +103,7 @@ class DecodeService(WorkerService):
             for worker_id in self.peers.expire(time.monotonic()):
                 failed = await self.loop.call(self.core.fail_transfers_from, worker_id)
                 log.warning("prefill_peer_dead", worker_id=worker_id, failed_transfers=failed)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), PEER_WATCH_S)
+            await sleep_unless(stop, PEER_WATCH_S)
 
     def messages_of(self, output: RequestOutput) -> list[tuple[str, Message]]:
         subject = self.stream_subject(output.request_id, done=output.finished)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Coroutine
@@ -28,7 +27,7 @@ from disagg.shared.log import get_logger
 from disagg.shared.protocol.codec import Message, decode, encode, error_reply
 from disagg.shared.protocol.messages import AbortReply, AbortRequest, Heartbeat
 from disagg.shared.protocol.types import new_worker_id
-from disagg.shared.service import connect_nats, guarded, publish
+from disagg.shared.service import connect_nats, guarded, publish, sleep_unless
 
 log = get_logger("disagg.worker")
 HEARTBEAT_S = 1.0
@@ -156,8 +155,7 @@ class WorkerService(abc.ABC):
         while not stop.is_set():
             if self.loop.failed is not None:
                 raise SystemExit(f"compute loop failed: {self.loop.failed!r}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+            await sleep_unless(stop, 0.5)
 
     async def _on_abort(self, msg: Msg) -> bytes:
         req = decode(AbortRequest, msg.data)
@@ -191,8 +189,7 @@ class WorkerService(abc.ABC):
         while not stop.is_set():
             if self.nc.is_connected:
                 await publish(self.nc, self.subjects.heartbeat, encode(self._heartbeat()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+            await sleep_unless(stop, HEARTBEAT_S)
 
     def _heartbeat(self) -> Heartbeat:
         rt, s = self.runtime, self.stats  # refreshed by every step, and when idle
