@@ -413,3 +413,20 @@ def test_bench_run_against_a_live_stack(checkpoints, tmp_path):
         "itl-over-time.png",
         "ttft-cdf.png",
     ]
+
+
+def test_bench_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from disagg.benchmarks.harness import cli as bench_cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "rich" else real(name, *a)
+    )
+    called = []
+    command = bench_cli.needs_bench_extra(lambda args: called.append(args) or 0)
+    assert command(None) == 2 and not called
+    assert "rich not installed; pip install 'disagg[bench]'" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert command("args") == 0 and called == ["args"]

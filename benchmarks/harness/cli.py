@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import math
 import signal
 import sys
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--label", default="run", help="name of this run in the table and plots")
     run.add_argument("--api-key", default=None)
     _add_trace_args(run, {})
-    run.set_defaults(run=main_run)
+    run.set_defaults(run=needs_bench_extra(main_run))
     cmp = bench.add_parser(
         "compare",
         help="start agg and disagg stacks (or prefix routing off and on), same trace, ratios",
@@ -50,7 +51,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_compare_args(cmp)
     _add_trace_args(cmp, COMPARE_DEFAULTS | dict.fromkeys(("workload", "output_len")))
-    cmp.set_defaults(run=main_compare)
+    cmp.set_defaults(run=needs_bench_extra(main_compare))
+
+
+BENCH_EXTRA = ("httpx", "rich", "matplotlib")  # pyproject's `bench` extra
+
+
+def needs_bench_extra(command):
+    """``command``, refusing with one line (exit 2) when the bench extra is not installed."""
+
+    def run(args: argparse.Namespace) -> int:
+        missing = [m for m in BENCH_EXTRA if importlib.util.find_spec(m) is None]
+        if missing:
+            print(
+                f"disagg bench: error: {', '.join(missing)} not installed; "
+                "pip install 'disagg[bench]'",
+                file=sys.stderr,
+            )
+            return 2
+        return command(args)
+
+    return run
 
 
 def _add_trace_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
