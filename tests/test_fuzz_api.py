@@ -145,6 +145,30 @@ async def test_errors_before_and_after_the_sse_headers(client, gateway):
     assert gateway.running == 0, "a failed request kept its slot"
 
 
+async def test_several_choices_stream_interleaved_and_fail_together(client, gateway):
+    body = {"prompt": [[5, 6, 7], [8, 9]], "n": 2, "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    resp = await client.post("/v1/completions", json=body)
+    events = [json.loads(line[6:]) for line in resp.text.splitlines()
+              if line.startswith("data: {")]  # fmt: skip
+    indexes = {c["index"] for e in events for c in e["choices"]}
+    assert indexes == {0, 1, 2, 3} and events[-1]["usage"]["completion_tokens"] == 12
+    assert all(e["usage"] is None for e in events[:-1])  # one usage, at the end
+    whole = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
+    resp = await client.post("/v1/completions", json=whole)
+    assert [c["index"] for c in resp.json()["choices"]] == [0, 1, 2, 3]
+    gateway.backend.fail_at = 1  # every choice fails at its second token
+    resp = await client.post("/v1/completions", json=body)
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert_openai_error(json.loads(events[-2]))
+    resp = await client.post("/v1/completions", json=whole)
+    assert resp.status_code == 503
+    assert_openai_error(resp.json())
+    gateway.backend.fail_at = None
+    assert gateway.running == 0, "a failed request kept its slots"
+
+
 async def test_body_limit_and_unknown_routes_are_openai_errors(client):
     big = b'{"prompt": "' + b"x" * MAX_BODY + b'"}'
     resp = await client.post("/v1/completions", content=big)

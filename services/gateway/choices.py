@@ -68,23 +68,31 @@ async def merged_chunks(
             await queue.put(err)  # reading until then, so this put does not wait forever)
 
     quiet = [replace(c, include_usage=False) for c in req.choices]
-    tasks = [asyncio.create_task(run(c)) for c in quiet]
+    error: Exception | None = None
     try:
-        left = len(tasks)
-        while left:
-            item = await queue.get()
-            if item is _DONE:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                if req.include_usage:  # OpenAI: null on every chunk but the last
-                    item["usage"] = None
-                yield item
+        # run() hands its errors to this reader, so the group itself never cancels the
+        # consumer; leaving it (an error, or a client that stopped reading) cancels the rest.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(run(c)) for c in quiet]
+            try:
+                left = len(tasks)
+                while left:
+                    item = await queue.get()
+                    if item is _DONE:
+                        left -= 1
+                    elif isinstance(item, Exception):
+                        error = item
+                        break
+                    else:
+                        if req.include_usage:  # OpenAI: null on every chunk but the last
+                            item["usage"] = None
+                        yield item
+            finally:
+                for task in tasks:
+                    task.cancel()
+        if error is not None:
+            raise error
         if req.include_usage:
             yield usage_chunk(req, total_usage(usages))
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         slot.release()
