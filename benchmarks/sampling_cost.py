@@ -69,7 +69,7 @@ def sampler_only(mode: str, args: argparse.Namespace, vocab: int) -> float:
     logits = torch.randn(args.batch, vocab, generator=gen) * 3
     params = [SamplingParams(seed=i, **MODES[mode]) for i in range(args.batch)]
     prompt = torch.randint(0, vocab, (args.context,), generator=gen).tolist()
-    states = [SeqState.new(p, prompt, vocab) for p in params]
+    states = [SeqState.new(p, prompt) for p in params]
     output = list(range(32))
     times = []
     for _ in range(args.steps):

@@ -17,7 +17,7 @@ VOCAB = 8
 
 
 def rows_of(params: SamplingParams, outputs, prompt=(1, 2, 3)):
-    return [Row(SeqState.new(params, list(prompt), VOCAB), out) for out in outputs]
+    return [Row(SeqState.new(params, list(prompt)), out) for out in outputs]
 
 
 def test_uniform_depends_only_on_seed_and_position():
@@ -66,6 +66,10 @@ def test_processors_mask_bias_and_min_tokens():
     for params, output, want in cases:
         tokens, _ = sample(logits.clone(), rows_of(params, [output]), eos_ids={5})
         assert tokens == [want], (params, output)
+    # A bad word whose head was generated before a move (it ends the moved prompt).
+    moved = SamplingParams(bad_words_token_ids=((4, 5),), logit_bias=((6, 1.0),), output_offset=1)
+    tokens, _ = sample(logits.clone(), rows_of(moved, [[]], prompt=(1, 2, 4)))
+    assert tokens == [6]
 
 
 def openai_penalty(logits, output, presence, frequency):
@@ -83,7 +87,7 @@ def test_presence_and_frequency_penalties_equal_the_formula():
     outputs = [[1, 1, 2], [], [7, 3, 3, 3]]
     prompt = [4, 5]
     params = SamplingParams(presence_penalty=0.7, frequency_penalty=0.4, logprobs=0)
-    states = [SeqState.new(params, prompt, VOCAB) for _ in outputs]
+    states = [SeqState.new(params, prompt) for _ in outputs]
     for state, out in zip(states, outputs):
         for t in out:
             state.observe(t)
@@ -94,7 +98,7 @@ def test_presence_and_frequency_penalties_equal_the_formula():
 
 def test_a_moved_request_counts_its_carried_tokens_as_output():
     params = SamplingParams(frequency_penalty=1.0, output_offset=2)
-    state = SeqState.new(params, [4, 5, 6, 6], VOCAB)  # 6, 6 were generated before the move
+    state = SeqState.new(params, [4, 5, 6, 6])  # 6, 6 were generated before the move
     assert state.seen == {4: 0, 5: 0, 6: 2}  # prompt tokens for repetition, counts of output
 
 
@@ -171,7 +175,7 @@ def test_top_k_top_p_thresholds_keep_what_a_descending_sort_keeps():
     logits = torch.randn(n, vocab, generator=gen) * torch.linspace(0.1, 8.0, n)[:, None]
     for top_k, top_p in ((0, 0.9), (40, 1.0), (25, 0.5)):
         params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, seed=5)
-        rows = [Row(SeqState.new(params, [1], vocab), [0] * i) for i in range(n)]
+        rows = [Row(SeqState.new(params, [1]), [0] * i) for i in range(n)]
         tokens, _ = sample(logits.clone(), rows)
         probs = torch.softmax(logits, -1)
         for row, token in enumerate(tokens):

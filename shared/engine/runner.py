@@ -78,7 +78,7 @@ class ModelRunner:
     def _state(self, req: Request) -> SeqState:
         state = self._states.get(req.request_id)
         if state is None:
-            state = SeqState.new(req.params, req.prompt, self.model.args.vocab_size)
+            state = SeqState.new(req.params, req.prompt)
             for token in req.output:  # a prefilled request joins with its first token
                 state.observe(token)
             self._states[req.request_id] = state

@@ -32,14 +32,16 @@ class SeqState:
     seed: int
     # Penalized requests: every token of prompt and output -> its count in the output.
     seen: dict[int, int] | None = None
+    carried: tuple[int, ...] = ()  # output generated before a move (it ends the prompt)
 
     @classmethod
-    def new(cls, params: SamplingParams, prompt: Sequence[int], vocab: int) -> SeqState:
+    def new(cls, params: SamplingParams, prompt: Sequence[int]) -> SeqState:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        state = cls(params, seed)
+        carried = tuple(prompt[len(prompt) - params.output_offset :])
+        state = cls(params, seed, carried=carried)
         if params.penalized:
             state.seen = dict.fromkeys(prompt, 0)
-            for token in prompt[len(prompt) - params.output_offset :]:  # output before a move
+            for token in carried:
                 state.seen[token] += 1
         return state
 
@@ -89,7 +91,7 @@ def _process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int]
             keep = torch.zeros(logits.shape[1], dtype=torch.bool)
             keep[list(p.allowed_token_ids)] = True
             logits[i].masked_fill_(~keep, neg_inf)
-        if banned := _banned_words(p, row.output):
+        if banned := _banned_words(p, row.state.carried, row.output):
             logits[i, banned] = neg_inf
         if p.output_offset + len(row.output) < p.min_tokens:
             stops = [*p.stop_token_ids, *([] if p.ignore_eos else eos_ids)]
@@ -105,12 +107,16 @@ def _process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int]
     return logits
 
 
-def _banned_words(p: SamplingParams, output: Sequence[int]) -> list[int]:
-    """Last tokens of the bad words whose other tokens end the output so far."""
+def _banned_words(p: SamplingParams, carried: Sequence[int], output: Sequence[int]) -> list[int]:
+    """Last tokens of the bad words whose other tokens end the output so far (tokens generated
+    before a move included)."""
     banned = []
     for word in p.bad_words_token_ids:
         head = list(word[:-1])
-        if not head or list(output[len(output) - len(head) :]) == head:
+        tail = list(output[max(0, len(output) - len(head)) :])
+        if len(tail) < len(head):
+            tail = list(carried[len(carried) - (len(head) - len(tail)) :]) + tail
+        if not head or tail == head:
             banned.append(word[-1])
     return banned
 
