@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+import msgspec
 import nats
 import pytest
 
@@ -40,7 +41,7 @@ from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
 from disagg.shared.engine.scheduler import EngineConfig
 from disagg.shared.protocol.codec import ErrorBody, decode_reply
 from disagg.shared.protocol.messages import AbortReply, Heartbeat, StreamChunk
-from disagg.shared.protocol.sampling import SamplingParams
+from disagg.shared.protocol.sampling import Logprob, SamplingParams
 from disagg.shared.protocol.types import MAX_ID_LEN, check_id
 from disagg.shared.service import NatsAuth, NatsConfig, NatsRefused, connect_nats
 from disagg.shared.transfer.loopback import Loopback
@@ -172,6 +173,24 @@ def test_stream_reorders_dedups_and_notices_lost_chunks():
     done = AttemptStream(decode_id="d1", prefill_id="p1")
     event = done.absorb(chunk("d1", 0, [5, 6], finish="length"))
     assert event.token_ids == [5, 6] and event.finish_reason == "length"
+
+
+def test_stream_holds_tokens_until_every_prompt_logprob_arrived():
+    s = AttemptStream(decode_id="d1", prefill_id="p1", expect_prompt=3)
+    lp = [Logprob(-1.0 - i) for i in range(3)]
+    part = chunk("p1", 0, [])
+    first = msgspec.structs.replace(part, prompt_logprobs=tuple(lp[:2]), prompt_index=1)
+    rest = msgspec.structs.replace(part, prompt_logprobs=tuple(lp[2:]), prompt_index=3)
+    assert s.absorb(chunk("d1", 0, [5, 6])).token_ids == []  # decode's tokens wait
+    assert s.absorb(first).token_ids == []
+    assert s.absorb(first).token_ids == [] and len(s.prompt_logprobs) == 2  # a duplicate
+    event = s.absorb(rest)
+    assert event.token_ids == [5, 6] and event.prompt_logprobs == lp  # released together
+    assert s.absorb(chunk("d1", 2, [7])).prompt_logprobs is None  # once
+    p = Progress("r1", [1, 2, 3, 4], SamplingParams(max_tokens=8, prompt_logprobs=2))
+    assert p.attempt_params().prompt_logprobs == 2  # nothing went out yet: ask again
+    p.generated = [5]
+    assert p.attempt_params().prompt_logprobs is None  # the client has them
 
 
 def test_stream_errors_blame_the_right_worker():
