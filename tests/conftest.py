@@ -56,6 +56,14 @@ def hf_greedy(
     return out[0, len(prompt) :].tolist()
 
 
+def hf_logprobs(path: Path, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """transformers' log-softmax over the vocabulary at each output position [len(output), V]
+    (row i is the distribution of output[i] given prompt + output[:i]), fp32."""
+    with torch.no_grad():
+        logits = _hf_model(str(path), torch.float32)(torch.tensor([prompt + output])).logits
+    return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+
+
 def assert_pool_full(pool: BlockPool) -> None:
     pool.check_integrity()
     assert pool.num_free == pool.num_blocks, f"{pool.num_blocks - pool.num_free} blocks leaked"

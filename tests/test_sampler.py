@@ -11,7 +11,7 @@ from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
 from disagg.shared.engine.sampler import Row, SeqState, _penalize, sample, uniform
 from disagg.shared.engine.scheduler import EngineConfig
 from disagg.shared.protocol.sampling import SamplingParams
-from tests.conftest import assert_pool_full, hf_greedy
+from tests.conftest import assert_pool_full, hf_greedy, hf_logprobs
 
 VOCAB = 8
 
@@ -130,8 +130,6 @@ def test_logprobs_are_the_raw_log_softmax():
 
 
 def test_prompt_logprobs_over_chunks_equal_transformers_and_skip_the_prefix_cache(checkpoints):
-    from tests.conftest import _hf_model
-
     model_dir = checkpoints(arch="llama")
     cfg = RuntimeConfig(model=model_dir, num_blocks=64, block_size=4,
                         engine=EngineConfig(max_num_batched_tokens=5))  # fmt: skip
@@ -145,9 +143,7 @@ def test_prompt_logprobs_over_chunks_equal_transformers_and_skip_the_prefix_cach
         firsts += [o for o in engine.step() if o.request_id == "p" and o.prompt_logprobs]
     (first,) = firsts
     assert first.num_cached_tokens == 0  # recomputed: the logits are needed
-    with torch.no_grad():
-        logits = _hf_model(str(model_dir), torch.float32)(torch.tensor([prompt])).logits[0]
-    ref = torch.log_softmax(logits.float(), dim=-1)
+    ref = hf_logprobs(model_dir, prompt[:1], prompt[1:])  # row i: prompt token i + 1
     assert len(first.prompt_logprobs) == len(prompt) - 1
     for i, lp in enumerate(first.prompt_logprobs):  # entry i is prompt token i + 1
         token = prompt[i + 1]

@@ -19,10 +19,9 @@ from pathlib import Path
 import nats
 import openai
 import pytest
-import torch
 
 from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, hf_logprobs
 
 pytestmark = pytest.mark.slow
 STARTUP_S = 240
@@ -212,14 +211,6 @@ def test_seeded_sampling_is_the_same_in_agg_and_disagg(disagg_stack, agg_stack):
         assert len({tuple(ids) for ids in draws.values()}) == 3, fields
     assert_decode_pools_full(disagg_stack, "decode")
     assert_decode_pools_full(agg_stack, "both")
-
-
-def hf_logprobs(model, prompt: list[int], output: list[int]) -> torch.Tensor:
-    from tests.conftest import _hf_model
-
-    with torch.no_grad():
-        logits = _hf_model(str(model), torch.float32)(torch.tensor([prompt + output])).logits
-    return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
 
 
 @pytest.mark.parametrize("stack", ["disagg_stack", "agg_stack"])

@@ -17,7 +17,7 @@ from disagg.shared.engine.runtime import Runtime, RuntimeConfig, build_runtime
 from disagg.shared.engine.scheduler import EngineConfig
 from disagg.shared.protocol.sampling import SamplingParams
 from disagg.shared.transfer.loopback import Loopback
-from tests.conftest import assert_pool_full, hf_greedy
+from tests.conftest import assert_pool_full, hf_greedy, hf_logprobs
 
 BLOCK = 4
 STEP_BOUND = 2000  # steps; far more than any request here needs
@@ -133,17 +133,6 @@ def test_min_tokens_and_logit_bias_hold_on_both_sides_of_the_hand_off(checkpoint
     assert out[:3] == [first, *out[1:3]] and eos not in out[:3]
     assert out[3:] == [eos]  # then it stops on EOS
     pair.assert_pools_full()
-
-
-def hf_logprobs(model, prompt: list[int], output: list[int]) -> torch.Tensor:
-    """transformers' log-softmax over the vocabulary at each output position [len(output), V]."""
-    from tests.conftest import _hf_model
-
-    hf = _hf_model(str(model), torch.float32)
-    ids = torch.tensor([prompt + output])
-    with torch.no_grad():
-        logits = hf(ids).logits[0, len(prompt) - 1 : -1].float()
-    return torch.log_softmax(logits, dim=-1)
 
 
 def test_logprobs_cross_the_hand_off_and_equal_transformers(checkpoints):

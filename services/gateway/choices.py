@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from disagg.services.gateway.openai.request import GenerationRequest
-from disagg.services.gateway.openai.responses import usage_chunk
+from disagg.services.gateway.openai.responses import usage, usage_chunk
 
 if TYPE_CHECKING:
     from disagg.services.gateway.core import Gateway, Slot
@@ -25,15 +25,9 @@ _DONE = object()
 
 def total_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
     """The usage of every choice together (prompt tokens counted per choice, as vLLM)."""
-    prompt = sum(u["prompt_tokens"] for u in usages)
-    completion = sum(u["completion_tokens"] for u in usages)
     cached = sum(u.get("prompt_tokens_details", {}).get("cached_tokens", 0) for u in usages)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
+    prompt = sum(u["prompt_tokens"] for u in usages)
+    return usage(prompt, sum(u["completion_tokens"] for u in usages), cached)
 
 
 async def merged_complete(gateway: Gateway, req: GenerationRequest, slot: Slot) -> dict:
