@@ -231,16 +231,12 @@ class Scheduler:
         asked) were sampled for ``plan.sampled`` (in that order); ``prompt_logprobs`` maps a
         request to (index of its first prompt token covered, their logprobs). Returns an output
         per request that got a token."""
-        for req, _ in plan.chunks:
-            if (
-                prompt_logprobs
-                and req.request_id in prompt_logprobs
-                and req.prompt_logprobs is not None
-            ):
+        prompt_logprobs = prompt_logprobs or {}
+        for req, n in plan.chunks:
+            if req.request_id in prompt_logprobs:  # the runner computes them only when wanted
                 first, values = prompt_logprobs[req.request_id]
                 have = len(req.prompt_logprobs)  # a recompute after preemption adds nothing
                 req.prompt_logprobs += values[max(0, have + 1 - first) :]
-        for req, n in plan.chunks:
             req.num_computed += n
             self._commit_full_blocks(req)
         self.num_prefill_tokens_computed += sum(n for _, n in plan.chunks)
