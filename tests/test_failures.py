@@ -53,7 +53,7 @@ from tests.cluster import (
     decode_pools,
     wait_until,
 )
-from tests.conftest import assert_pool_full, hf_greedy
+from tests.conftest import assert_pool_full, hf_greedy, hf_logprobs
 
 pytestmark = pytest.mark.slow
 LONG = 900  # tokens: a stream that lasts seconds on the tiny model
@@ -70,6 +70,7 @@ class Streams:
     ) -> None:
         """``bodies``: per-stream fields over the greedy defaults; ``extra``: for every stream."""
         self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.logprobs: list[list[float]] = [[] for _ in prompts]  # of streams that ask
         self.errors: list[dict | None] = [None] * len(prompts)
         self.ids: list[str | None] = [None] * len(prompts)
         bodies = bodies or [{}] * len(prompts)
@@ -95,6 +96,8 @@ class Streams:
                     return
                 self.ids[i] = chunk["id"]
                 self.tokens[i] += chunk["choices"][0].get("token_ids") or []
+                if block := chunk["choices"][0].get("logprobs"):
+                    self.logprobs[i] += block["token_logprobs"]
 
     def wait_started(self, n: int = 1) -> None:
         wait_until(lambda: all(len(t) >= n for t in self.tokens), what="every stream started")
@@ -412,7 +415,7 @@ def test_nats_restart_under_load(cluster):
 # and penalties count the tokens generated before the move, so both kinds resume exactly.
 SEEDED = {"temperature": 1.0, "top_k": 50, "top_p": 0.95, "min_p": 0.01,
           "presence_penalty": 0.3, "frequency_penalty": 0.2, "repetition_penalty": 1.1}  # fmt: skip
-KILL_BODIES = [{}, {}, SEEDED | {"seed": 42}, SEEDED | {"seed": 7}]
+KILL_BODIES = [{}, {"logprobs": 2}, SEEDED | {"seed": 42}, SEEDED | {"seed": 7}]
 
 
 def test_decode_killed_mid_stream_streams_migrate_with_same_tokens(cluster):
@@ -430,6 +433,10 @@ def test_decode_killed_mid_stream_streams_migrate_with_same_tokens(cluster):
     cluster.kill("decode-a")
     killed_at = time.time()
     assert streams.results() == reference
+    # Logprobs go on across the move too: every token's equals transformers'.
+    ref = hf_logprobs(cluster.model, ps[1], reference[1])
+    want = [ref[i, t].item() for i, t in enumerate(reference[1])]
+    assert streams.logprobs[1] == pytest.approx(want, abs=1e-4)
     (dead,) = cluster.events("gateway", "worker_dead", worker_id="decode-a")
     moves = cluster.events("gateway", "migrating")[moved_before:]
     assert len(moves) == 4 and all(e["excluded"] == ["decode-a"] for e in moves), moves
