@@ -73,6 +73,7 @@ class Streams:
         self.logprobs: list[list[float]] = [[] for _ in prompts]  # of streams that ask
         self.errors: list[dict | None] = [None] * len(prompts)
         self.ids: list[str | None] = [None] * len(prompts)
+        self.more: list[dict[int, list[int]]] = [{} for _ in prompts]  # choices 1.. (n > 1)
         bodies = bodies or [{}] * len(prompts)
         self.threads = [
             threading.Thread(
@@ -95,9 +96,14 @@ class Streams:
                     self.errors[i] = chunk["error"]
                     return
                 self.ids[i] = chunk["id"]
-                self.tokens[i] += chunk["choices"][0].get("token_ids") or []
-                if block := chunk["choices"][0].get("logprobs"):
-                    self.logprobs[i] += block["token_logprobs"]
+                for choice in chunk["choices"]:
+                    if choice["index"]:
+                        more = self.more[i].setdefault(choice["index"], [])
+                        more += choice.get("token_ids") or []
+                        continue
+                    self.tokens[i] += choice.get("token_ids") or []
+                    if block := choice.get("logprobs"):
+                        self.logprobs[i] += block["token_logprobs"]
 
     def wait_started(self, n: int = 1) -> None:
         wait_until(lambda: all(len(t) >= n for t in self.tokens), what="every stream started")
@@ -415,13 +421,15 @@ def test_nats_restart_under_load(cluster):
 # and penalties count the tokens generated before the move, so both kinds resume exactly.
 SEEDED = {"temperature": 1.0, "top_k": 50, "top_p": 0.95, "min_p": 0.01,
           "presence_penalty": 0.3, "frequency_penalty": 0.2, "repetition_penalty": 1.1}  # fmt: skip
-KILL_BODIES = [{}, {"logprobs": 2}, SEEDED | {"seed": 42}, SEEDED | {"seed": 7}]
+# The last is n = 2: two sequences forked on one decode worker, each moving on its own.
+KILL_BODIES = [{}, {"logprobs": 2}, SEEDED | {"seed": 42}, SEEDED | {"seed": 7, "n": 2}]
 
 
 def test_decode_killed_mid_stream_streams_migrate_with_same_tokens(cluster):
     ps, moved_before = prompts(4, 8, 5), len(cluster.events("gateway", "migrating"))
-    reference = Streams(cluster.base, ps, LONG, KILL_BODIES).results()
-    assert reference[2] != reference[3]  # the seeds matter
+    uninterrupted = Streams(cluster.base, ps, LONG, KILL_BODIES)
+    reference = uninterrupted.results()
+    assert reference[2] != reference[3] != uninterrupted.more[3][1]  # the seeds matter
     cluster.freeze_until_gone("decode-b")
     streams = Streams(cluster.base, ps, LONG, KILL_BODIES)
     streams.wait_started(5)
@@ -433,14 +441,15 @@ def test_decode_killed_mid_stream_streams_migrate_with_same_tokens(cluster):
     cluster.kill("decode-a")
     killed_at = time.time()
     assert streams.results() == reference
+    assert streams.more == uninterrupted.more and len(streams.more[3][1]) == LONG
     # Logprobs go on across the move too: every token's equals transformers'.
     ref = hf_logprobs(cluster.model, ps[1], reference[1])
     want = [ref[i, t].item() for i, t in enumerate(reference[1])]
     assert streams.logprobs[1] == pytest.approx(want, abs=1e-4)
     (dead,) = cluster.events("gateway", "worker_dead", worker_id="decode-a")
     moves = cluster.events("gateway", "migrating")[moved_before:]
-    assert len(moves) == 4 and all(e["excluded"] == ["decode-a"] for e in moves), moves
-    resumed = cluster.events("gateway", "migrated")[-4:]
+    assert len(moves) == 5 and all(e["excluded"] == ["decode-a"] for e in moves), moves
+    resumed = cluster.events("gateway", "migrated")[-5:]
     print(f"\ndecode death declared {iso_time(dead) - frozen_at:.2f} s after the worker froze "
           f"(3 s after its last heartbeat; {iso_time(dead) - killed_at:.2f} s after SIGKILL); "
           f"streams resumed {max(e['seconds'] for e in resumed):.2f} s after the move")  # fmt: skip

@@ -45,7 +45,7 @@ class FakeBackend:
     def can_serve(self) -> bool:
         return True
 
-    async def generate(self, request_id: str, prompt: list[int], params):
+    async def generate(self, request_id: str, prompt: list[int], params, group=None):
         n = min(params.max_tokens, 3)
         for i in range(n):
             if self.fail_at == i:

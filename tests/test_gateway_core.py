@@ -890,3 +890,34 @@ def test_stream_assembler_carries_logprobs_of_held_back_tokens(ctx):
     assert chunk["choices"][0]["logprobs"] == {"content": [{"token": "a"}, {"token": "b"}]}
     done, *_ = stream.finish("stop", usage(3, 2))
     assert done["choices"][0]["logprobs"] is None
+
+
+def test_fork_groups_attach_who_joined_in_time_and_free_the_rest(ctx):
+    import asyncio
+
+    from disagg.services.gateway.fork import ForkGroup, fork_groups
+
+    async def scenario():
+        p = SamplingParams()
+        group: ForkGroup[str] = ForkGroup("r-0", {"r-1": p, "r-2": p})
+        one = asyncio.ensure_future(group.placement("r-1", timeout=5))
+        await asyncio.sleep(0)
+        assert list(await group.gather(timeout=0.05)) == ["r-1"]  # "r-2" is late
+        assert await group.placement("r-2", timeout=5) is None  # so it starts alone
+        group.attach("decode-a")
+        group.attach(None)  # only the first call counts
+        assert await one == "decode-a"
+        lone: ForkGroup[str] = ForkGroup("s-0", {"s-1": p})
+        waiting = asyncio.ensure_future(lone.placement("s-1", timeout=5))
+        await asyncio.sleep(0)
+        assert list(await lone.gather()) == ["s-1"]  # all joined: no wait
+        lone.attach(None)  # the leader's admit failed
+        assert await waiting is None
+        assert await ForkGroup("t", {"t-1": p}).placement("t-1", timeout=0.01) is None
+
+    asyncio.run(scenario())
+    req = parse_completion({"model": "tiny", "prompt": ["ab", "cd"], "n": 2, "max_tokens": 2}, ctx)
+    groups = fork_groups(req.choices)
+    assert {rid: g.leader for rid, g in groups.items()} == {
+        c.request_id: req.choices[c.index // 2 * 2].request_id for c in req.choices
+    }

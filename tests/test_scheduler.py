@@ -202,6 +202,39 @@ def test_add_prefilled_takes_the_blocks_or_leaves_them_with_the_caller():
     assert_pool_full(sched.pool)
 
 
+def test_forks_wait_for_the_parents_prompt_then_share_its_blocks():
+    sched = scheduler(max_num_batched_tokens=6)
+    prompt = list(range(1, 15))  # three full blocks and a partial one, prefilled in 3 chunks
+    sched.add_request("p", prompt, greedy(3))
+    for fork in ("f1", "f2"):
+        sched.add_request(fork, prompt, greedy(3), after="p")
+    with pytest.raises(RequestError, match="another prompt"):
+        sched.add_request("bad", prompt[:-1], greedy(3), after="p")
+    plans: list[StepPlan] = []
+    out = run(sched, plans)
+    assert out == {r: expected(prompt, 3) for r in ("p", "f1", "f2")}
+    forks = [(r.request_id, n) for plan in plans for r, n in plan.chunks if r.request_id != "p"]
+    assert forks == [("f1", 2), ("f2", 2)]  # only the partial block each; none before "p" done
+    assert sched.num_prefill_tokens_computed == 14 + 2 + 2
+    assert_pool_full(sched.pool)
+
+
+def test_a_fork_of_a_parent_that_ends_early_goes_alone_and_an_aborted_fork_frees_nothing():
+    sched = scheduler(max_num_batched_tokens=4)
+    prompt = list(range(1, 10))
+    sched.add_request("p", prompt, greedy(2))
+    sched.add_request("f1", prompt, greedy(2), after="p")
+    sched.add_request("f2", prompt, greedy(2), after="p")
+    plan = sched.schedule()
+    sched.update(plan, fake_model(plan))  # "p" mid-prefill: its forks are held
+    assert sched.abort("f2") and sched.abort("p")
+    assert {o.request_id for o in sched.take_outputs()} == {"f2", "p"}
+    assert run(sched) == {"f1": expected(prompt, 2)}  # computed its prompt itself
+    assert_pool_full(sched.pool)
+    sched.add_request("late", prompt, greedy(1), after="gone")  # unknown parent: plain request
+    assert run(sched) == {"late": expected(prompt, 1)}
+
+
 def test_prompts_that_can_never_run_are_refused():
     sched = scheduler(blocks=4)  # 16 tokens of KV
     for prompt, message in (

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
+from disagg.services.gateway.openai.parse import sequence_seed
 from tests.conftest import hf_greedy, hf_logprobs
 
 pytestmark = pytest.mark.slow
@@ -318,6 +319,34 @@ def test_n_and_several_prompts_are_indexed_choices(disagg_stack, model):
     assert [c.index for c in chat.choices] == [0, 1]
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy
     assert_decode_pools_full(disagg_stack, "decode")
+
+
+@pytest.mark.parametrize("stack", ["disagg_stack", "agg_stack"])
+def test_n_sequences_share_one_prefill_and_repeat(request, model, stack):
+    up = request.getfixturevalue(stack)
+    client = up.client()
+    prompt = f"{stack}: the four sequences of this prompt share its blocks on one decode worker."
+    ask = dict(model=model.name, prompt=prompt, max_tokens=6, temperature=1.0, n=4,
+               seed=21, extra_body={"return_token_ids": True, "ignore_eos": True})  # fmt: skip
+    transfers = wait_for_transfer_count(up, 0, timeout=0)
+    first = client.completions.create(**ask)
+    if stack == "disagg_stack":  # one transfer for the four; none follows later
+        assert wait_for_transfer_count(up, transfers + 1) == transfers + 1
+        time.sleep(1.0)
+        assert wait_for_transfer_count(up, 0, timeout=0) == transfers + 1
+    ids = [c.token_ids for c in sorted(first.choices, key=lambda c: c.index)]
+    assert len({tuple(i) for i in ids}) == 4 and all(len(i) == 6 for i in ids)
+    # Sequences 1..3 found the prompt's full blocks cached (sequence 0 had just computed them).
+    block = 16
+    shared = (first.usage.prompt_tokens // 4 - 1) // block * block
+    assert shared >= 2 * block  # the prompt spans several blocks
+    assert first.usage.prompt_tokens_details.cached_tokens >= 3 * shared
+    again = client.completions.create(**ask)
+    assert [c.token_ids for c in sorted(again.choices, key=lambda c: c.index)] == ids
+    for j, seq in enumerate(ids):  # each sequence draws what it would alone, with its seed
+        alone = ask | {"n": 1, "seed": sequence_seed(21, j)}
+        assert client.completions.create(**alone).choices[0].token_ids == seq
+    assert_decode_pools_full(up, "decode" if stack == "disagg_stack" else "both")
 
 
 def test_vllm_routes_tokenize_detokenize_version_models(disagg_stack, model):

@@ -42,15 +42,19 @@ class Pair:
             self.decode_rt.engine, self.link.receiver, fingerprint=self.decode_rt.fingerprint,
             wire_dtype=wire_dtype,
         )  # fmt: skip
+        self.sent: list = []  # every transfer the prefill side finished
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams):
-        """Admit on decode, prefill, decode to the end; returns (tokens, first tokens, descs)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, forks=None):
+        """Admit on decode, prefill, decode to the end; returns (tokens, first tokens, descs).
+        ``forks`` (id -> sampling) are forks of the first prompt: their tokens come after."""
+        forks = forks or {}
         ids = [f"r{i}" for i in range(len(prompts))]
         descs = []
         for rid, prompt in zip(ids, prompts):
-            desc = self.decode.admit(rid, prompt, params, prefill_id="p")
+            desc = self.decode.admit(rid, prompt, params, "p", forks if rid == "r0" else None)
             self.prefill.submit(PrefillJob(rid, prompt, params, desc))
             descs.append(desc)
+        ids += list(forks)
         firsts, tokens, done = {}, {rid: {} for rid in ids}, set()
         for _ in range(STEP_BOUND):
             if len(done) == len(ids):
@@ -67,7 +71,7 @@ class Pair:
         assert done == set(ids), f"unfinished after {STEP_BOUND} steps: {set(ids) - done}"
         self.settle()
         seqs = [[tokens[r][i] for i in sorted(tokens[r])] for r in ids]
-        return seqs, [firsts[r] for r in ids], descs
+        return seqs, [firsts[r] for r in ids if r not in forks], descs
 
     def settle(self) -> None:
         """Let the prefill side retire its finished sends (the loopback delivers synchronously)."""
@@ -77,6 +81,7 @@ class Pair:
         assert not self.prefill.has_work()
         sent = self.prefill.poll_sent()
         assert all(s.error is None for s in sent), [s.error for s in sent]
+        self.sent += sent
 
     def assert_pools_full(self) -> None:
         assert_pool_full(self.prefill_rt.pool)
@@ -162,4 +167,40 @@ def test_logprobs_cross_the_hand_off_and_equal_transformers(checkpoints):
         top = ref[i].topk(4)
         assert [t for t, _ in lp.top] == top.indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    pair.assert_pools_full()
+
+
+def test_forks_take_one_transfer_and_draw_what_each_would_alone(checkpoints):
+    model = checkpoints(arch="llama")
+    prompt = prompts_of((14,), seed=9)[0]  # three full blocks shared, a partial one per fork
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    forks = {f"f{s}": params.replace(seed=s) for s in (6, 7, 8)}
+    pair = Pair(model)
+    outs, _, descs = pair.generate([prompt], params, forks)
+    assert len(descs) == len(pair.sent) == 1  # the prompt's KV shipped once for 4 sequences
+    assert pair.decode_rt.engine.scheduler.num_prefill_tokens_computed == 3 * 2  # the tails
+    alone = Pair(model)
+    for seq, p in zip(outs, [params, *forks.values()]):
+        assert seq == alone.generate([prompt], p)[0][0]
+    assert len({tuple(seq) for seq in outs}) == 4
+    greedy = SamplingParams(max_tokens=6)
+    outs, _, _ = pair.generate([prompt], greedy, {"g1": greedy, "g2": greedy})
+    assert outs == [hf_greedy(model, prompt, 6)] * 3
+    pair.assert_pools_full()
+    alone.assert_pools_full()
+
+
+def test_forks_of_an_aborted_or_failed_transfer_fail_over_and_free_everything(checkpoints):
+    pair = Pair(checkpoints(arch="llama"))
+    prompt, params = prompts_of((9,), seed=2)[0], SamplingParams(max_tokens=4)
+    pair.decode.admit("a", prompt, params, "p", {"a1": params, "a2": params})
+    assert pair.decode.abort("a2")  # one fork leaves; the transfer stays for the others
+    assert pair.decode.num_held == 2
+    assert pair.decode.abort("a")
+    failed = pair.decode.step()
+    assert [(o.request_id, type(o).__name__) for o in failed] == [("a1", "FailedTransfer")]
+    pair.decode.admit("b", prompt, params, "p", {"b1": params})
+    assert pair.decode.fail_transfers_from("p") == 1
+    assert {o.request_id for o in pair.decode.step()} == {"b", "b1"}
+    assert pair.decode.num_held == 0
     pair.assert_pools_full()

@@ -21,15 +21,15 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, fields
 
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from disagg.services.gateway.config import Timeouts
+from disagg.services.gateway.fork import JOIN_S, ForkGroup
 from disagg.services.gateway.migration import BackendError, Progress, WorkerLost, retryable
 from disagg.services.gateway.stream import AttemptStream, Resync, TokenEvent, WorkerDied
 from disagg.shared.cluster import PeerWatch, WorkerState
-from disagg.shared.config import option
 from disagg.shared.engine.block_pool import prefix_block_hashes
 from disagg.shared.log import get_logger
 from disagg.shared.protocol.codec import ErrorReply, Message, decode, decode_reply, encode
@@ -37,6 +37,7 @@ from disagg.shared.protocol.messages import (
     AbortRequest,
     AdmitReply,
     AdmitRequest,
+    Fork,
     Heartbeat,
     JobReply,
     PlaceReply,
@@ -50,37 +51,12 @@ from disagg.shared.protocol.subjects import Subjects
 from disagg.shared.protocol.types import DEFAULT_BLOCK_SIZE, MessageError, Role
 from disagg.shared.service import Interrupted, sleep_unless, unless
 
-__all__ = ["Backend", "BackendError", "Timeouts", "TokenEvent"]
+__all__ = ["Backend", "BackendError", "TokenEvent"]
 
 log = get_logger("disagg.gateway")
 WATCH_PERIOD_S = 0.25
 ABORT_TIMEOUT_S = 2.0
 PLACE_RETRY_S = 0.1  # first wait before asking again when no scheduler listens
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Every bounded wait of a request, in seconds."""
-
-    # Above the scheduler's --max-hold-s (20 s): a placement held for decode room gets the
-    # scheduler's answer (placed, or 429 after the hold), not a 504 from giving up first.
-    place_s: float = option(
-        30.0, help="placement; keep it above the schedulers' --max-hold-s",
-        flag="--place-timeout-s",
-    )  # fmt: skip
-    admit_s: float = option(10.0, help="decode worker reserving blocks", flag="--admit-timeout-s")
-    job_s: float = option(10.0, help="prefill worker accepting a job", flag="--job-timeout-s")
-    first_token_s: float = option(120.0, help="first token", flag="--first-token-timeout-s")
-    inter_token_s: float = option(60.0, help="gap between tokens", flag="--inter-token-timeout-s")
-    resync_s: float = option(
-        5.0, help="stream silence after a NATS reconnection that means chunks were lost",
-        flag="--resync-timeout-s",
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if not getattr(self, f.name) > 0:
-                raise ValueError(f"{f.metadata['option']['flag']} must be positive")
 
 
 class Backend:
@@ -98,8 +74,6 @@ class Backend:
         missed_heartbeats: int = 3,
         default_block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
-        if migration_limit < 0:
-            raise ValueError(f"--migration-limit must be >= 0, got {migration_limit}")
         self.nc, self.subjects, self.gateway_id = nc, subjects, gateway_id
         self.timeouts, self.migration_limit = timeouts, migration_limit
         self.peers = PeerWatch(lambda: nc.is_connected, missed_heartbeats)
@@ -147,29 +121,18 @@ class Backend:
     # -- inbound ----------------------------------------------------------------------------
 
     async def _on_transfer(self, msg) -> None:
-        try:
-            report = decode(TransferReport, msg.data)
-        except MessageError as err:
-            log.warning("bad_transfer_report", error=str(err))
-            return
-        if self.on_transfer is not None and report.ok:
+        report = _decoded(TransferReport, msg.data, "bad_transfer_report")
+        if report is not None and report.ok and self.on_transfer is not None:
             self.on_transfer(report)
 
     async def _on_chunk(self, msg) -> None:
-        try:
-            chunk = decode(StreamChunk, msg.data)
-        except MessageError as err:
-            log.warning("bad_stream_chunk", error=str(err))
-            return
-        stream = self._streams.get(chunk.request_id)
+        chunk = _decoded(StreamChunk, msg.data, "bad_stream_chunk")
+        stream = None if chunk is None else self._streams.get(chunk.request_id)
         if stream is not None:  # else: a late chunk of an attempt that already ended
             stream.push(chunk)
 
     async def _on_heartbeat(self, msg) -> None:
-        try:
-            report = decode(Heartbeat, msg.data)
-        except MessageError as err:
-            log.warning("bad_heartbeat", error=str(err))
+        if (report := _decoded(Heartbeat, msg.data, "bad_heartbeat")) is None:
             return
         if self.peers.beat(report, time.monotonic()):
             log.info("worker_joined", worker_id=report.worker_id, role=report.role)
@@ -194,17 +157,22 @@ class Backend:
     # -- one request ------------------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        group: ForkGroup[PlaceReply] | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Yield the request's tokens in order, moving it when a worker fails it; raises
-        BackendError when it cannot be served."""
+        BackendError when it cannot be served. In a `group` (n sequences of one prompt) the
+        first attempt is shared (see `fork`)."""
         progress = Progress(request_id, list(prompt), params)
         while True:
             if progress.remaining_tokens <= 0:  # only the finish chunk was lost
                 yield TokenEvent([], "length")
                 return
             try:
-                async for event in self._attempt(progress):
+                async for event in self._attempt(progress, None if progress.moves else group):
                     progress.generated += event.token_ids
                     yield event
                     if event.finish_reason is not None:
@@ -222,13 +190,24 @@ class Backend:
                 if self.on_migration is not None:
                     self.on_migration(lost.reason)
 
-    async def _attempt(self, progress: Progress) -> AsyncIterator[TokenEvent]:
+    async def _attempt(
+        self, progress: Progress, group: ForkGroup[PlaceReply] | None
+    ) -> AsyncIterator[TokenEvent]:
         """One attempt on one pair; ends after the finish, or raises."""
         attempt_id, started = progress.attempt_id, time.monotonic()
         stream = self._streams[attempt_id] = AttemptStream()
         finished = False
         try:
-            await self._start(attempt_id, progress, stream)
+            if group is None:
+                await self._start(attempt_id, progress, stream)
+            elif attempt_id == group.leader:
+                try:
+                    forks = await group.gather()
+                    await self._start(attempt_id, progress, stream, forks, group.attach)
+                finally:
+                    group.attach(None)  # no admit: every sequence goes alone
+            else:
+                await self._join(attempt_id, progress, stream, group)
             timeout, first = self.timeouts.first_token_s, True
             while not finished:
                 event = stream.absorb(await self._next_chunk(stream, timeout))
@@ -263,8 +242,22 @@ class Backend:
             if isinstance(item, Resync) and stream.decoding:
                 deadline = min(deadline, time.monotonic() + self.timeouts.resync_s)
 
-    async def _start(self, attempt_id: str, progress: Progress, stream: AttemptStream) -> None:
-        """Place, admit on decode, hand the prompt to prefill."""
+    async def _join(
+        self, attempt_id: str, progress: Progress, stream: AttemptStream, group: ForkGroup
+    ) -> None:
+        """A sequence of a group: on its leader's workers once admitted there, else alone."""
+        bound = JOIN_S + self.timeouts.place_s + self.timeouts.admit_s  # the leader's own bounds
+        if (placed := await group.placement(attempt_id, bound)) is None:
+            return await self._start(attempt_id, progress, stream)
+        stream.decode_id, stream.prefill_id = placed.decode_id, placed.prefill_id
+        stream.holders.append(placed.decode_id)
+
+    async def _start(
+        self, attempt_id: str, progress: Progress, stream: AttemptStream,
+        forks: dict[str, SamplingParams] | None = None, on_admitted: Callable | None = None,
+    ) -> None:  # fmt: skip
+        """Place, admit on decode (with `forks`: more sequences of the prompt), hand the prompt
+        to prefill."""
         prompt, params = progress.attempt_prompt(), progress.attempt_params()
         placed = await self._place(attempt_id, prompt, progress)
         stream.decode_id, stream.prefill_id = placed.decode_id, placed.prefill_id
@@ -278,12 +271,15 @@ class Backend:
             prefill_id=placed.prefill_id,
             wire_dtype="float32",
             num_generated=len(progress.generated),
+            forks=[Fork(request_id=rid, sampling=p) for rid, p in (forks or {}).items()],
         )
         stream.holders.append(placed.decode_id)
         admitted = await self._call_worker(
             placed.decode_id, self.subjects.admit(placed.decode_id), admit, AdmitReply,
             self.timeouts.admit_s,
         )  # fmt: skip
+        if on_admitted is not None:
+            on_admitted(placed)
         if placed.prefill_id is None:
             return
         job = PrefillJob(
@@ -385,6 +381,15 @@ class Backend:
             except (nats.errors.Error, TimeoutError) as err:
                 log.info("abort_failed", request_id=attempt_id, worker_id=worker_id,
                          error=type(err).__name__)  # fmt: skip
+
+
+def _decoded(cls, data: bytes, event: str):
+    """``data`` decoded as ``cls``, or None (logged as ``event``): a bad message is dropped."""
+    try:
+        return decode(cls, data)
+    except MessageError as err:
+        log.warning(event, error=str(err))
+        return None
 
 
 def _since(start: float) -> float:

@@ -2,8 +2,8 @@
 of its own, concurrently, and the answers merge into one OpenAI body or one stream (chunks
 interleaved as they come, each with its choice's `index`; one usage for all at the end).
 
-Each choice is placed, prefilled and shipped on its own: n sequences of one prompt do not yet
-share its KV blocks on a decode worker.
+The n sequences of one prompt share their first attempt (`fork.ForkGroup`): the prompt is
+placed, prefilled and shipped once, and they run on its blocks on one decode worker.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from disagg.services.gateway.fork import fork_groups
 from disagg.services.gateway.openai.request import GenerationRequest
 from disagg.services.gateway.openai.responses import usage, usage_chunk
 
@@ -34,8 +35,11 @@ async def merged_complete(gateway: Gateway, req: GenerationRequest, slot: Slot) 
     """One body with every choice, in index order."""
     from disagg.services.gateway.core import Slot
 
+    groups = fork_groups(req.choices)
     try:
-        bodies = await asyncio.gather(*(gateway.complete(c, Slot(None)) for c in req.choices))
+        bodies = await asyncio.gather(
+            *(gateway.complete(c, Slot(None), groups.get(c.request_id)) for c in req.choices)
+        )
     finally:
         slot.release()
     body = bodies[0] | {"choices": [b["choices"][0] for b in bodies]}
@@ -55,13 +59,15 @@ async def merged_chunks(
 
     async def run(choice: GenerationRequest) -> None:
         try:
-            async for chunk in gateway.stream_one(choice, Slot(None), usages):
+            group = groups.get(choice.request_id)
+            async for chunk in gateway.stream_one(choice, Slot(None), usages, group):
                 await queue.put(chunk)
             await queue.put(_DONE)
         except Exception as err:  # handed to the reader, which re-raises it (the reader keeps
             await queue.put(err)  # reading until then, so this put does not wait forever)
 
     quiet = [replace(c, include_usage=False) for c in req.choices]
+    groups = fork_groups(quiet)
     error: Exception | None = None
     try:
         # run() hands its errors to this reader, so the group itself never cancels the

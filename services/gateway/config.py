@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from disagg.services.gateway.backend import Timeouts
 from disagg.shared.config import group, option
 from disagg.shared.protocol.types import check_id
 from disagg.shared.service import ServiceConfig
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every bounded wait of a request, in seconds."""
+
+    # Above the scheduler's --max-hold-s (20 s): a placement held for decode room gets the
+    # scheduler's answer (placed, or 429 after the hold), not a 504 from giving up first.
+    place_s: float = option(
+        30.0, help="placement; keep it above the schedulers' --max-hold-s",
+        flag="--place-timeout-s",
+    )  # fmt: skip
+    admit_s: float = option(10.0, help="decode worker reserving blocks", flag="--admit-timeout-s")
+    job_s: float = option(10.0, help="prefill worker accepting a job", flag="--job-timeout-s")
+    first_token_s: float = option(120.0, help="first token", flag="--first-token-timeout-s")
+    inter_token_s: float = option(60.0, help="gap between tokens", flag="--inter-token-timeout-s")
+    resync_s: float = option(
+        5.0, help="stream silence after a NATS reconnection that means chunks were lost",
+        flag="--resync-timeout-s",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"{f.metadata['option']['flag']} must be positive")
 
 
 @dataclass(frozen=True)

@@ -145,12 +145,12 @@ class Gateway:
             yield chunk
 
     async def stream_one(
-        self, req: GenerationRequest, slot: Slot, usage_out: list | None = None
+        self, req: GenerationRequest, slot: Slot, usage_out: list | None = None, group=None
     ) -> AsyncIterator[dict[str, Any]]:
         """One choice's chunks; its usage goes to ``usage_out`` when given (a merged stream
-        sends one usage chunk for all its choices)."""
+        sends one usage chunk for all its choices); ``group``: its prompt's ``ForkGroup``."""
         assembler = StreamAssembler(req)
-        events = self._events(req, slot)
+        events = self._events(req, slot, group)
         try:
             async for item in events:
                 if isinstance(item, Finished):
@@ -170,11 +170,11 @@ class Gateway:
         finally:
             await events.aclose()
 
-    async def complete(self, req: GenerationRequest, slot: Slot) -> dict[str, Any]:
+    async def complete(self, req: GenerationRequest, slot: Slot, group=None) -> dict[str, Any]:
         if req.choices:
             return await merged_complete(self, req, slot)
         text, ids, blocks, prompt = [], [], [], None
-        async for item in self._events(req, slot):
+        async for item in self._events(req, slot, group):
             text.append(item.text)
             ids.extend(item.token_ids)
             blocks += [item.logprobs] if item.logprobs else []
@@ -187,7 +187,7 @@ class Gateway:
                 )  # fmt: skip
         raise internal_error("the stream ended without a finish")
 
-    async def _events(self, req: GenerationRequest, slot: Slot) -> AsyncIterator[Delta]:
+    async def _events(self, req: GenerationRequest, slot: Slot, group) -> AsyncIterator[Delta]:
         """Deltas, the last one a Finished; BackendError -> APIError. Releases `slot`."""
         start = last = time.monotonic()
         detok = StreamDetokenizer(
@@ -199,7 +199,7 @@ class Gateway:
         reason, cached, served = "error", 0, False
         try:
             async for event in self.backend.generate(
-                req.request_id, req.prompt_token_ids, req.params
+                req.request_id, req.prompt_token_ids, req.params, group
             ):
                 # After a migration a worker may have cached generated tokens too: cap.
                 cached, served = min(req.prompt_len, max(cached, event.num_cached_tokens)), True

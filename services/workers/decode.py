@@ -13,13 +13,19 @@ Block ownership, step by step:
    (`fail_transfers_from`, when that worker's heartbeats stop), or the request is aborted first:
    the receiver forgets the transfer (no write can follow) and this worker frees the blocks.
 
+Forks (n sequences of one prompt, `admit(..., forks=...)`): one transfer brings the prompt's KV;
+when it completes the forks join the engine as requests of the same prompt, which share its
+full blocks through the prefix cache and compute only its last partial block. Until then they
+live in the transfer's `_Pending`; if it fails (or their parent is aborted) each fork gets a
+retryable error of its own and the gateway serves it alone.
+
 Admission is bounded: no blocks for the prompt, `max_num_seqs` requests already held (pending
 transfers included) or, locally, waiting, is a 429 so the gateway tries another worker.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -67,6 +73,7 @@ class _Pending:
     transfer: TransferDescriptor
     prefill_id: str | None = None
     cached_blocks: tuple[int, ...] = ()  # prefix-cache hits, before transfer.block_ids
+    forks: dict[str, SamplingParams] = field(default_factory=dict)  # sequences on its blocks
 
     @property
     def block_ids(self) -> list[int]:
@@ -100,9 +107,8 @@ class DecodeWorker:
 
     @property
     def num_held(self) -> int:
-        """Requests this worker holds: pending transfers and the engine's."""
-        scheduler = self.engine.scheduler
-        return len(self._pending) + len(scheduler.running) + len(scheduler.waiting)
+        """Requests this worker holds: pending transfers (their forks too) and the engine's."""
+        return len(self._by_request) + len(self.engine.scheduler.requests)
 
     def admit(
         self,
@@ -110,11 +116,14 @@ class DecodeWorker:
         prompt: list[int],
         params: SamplingParams,
         prefill_id: str | None = None,
+        forks: dict[str, SamplingParams] | None = None,
     ) -> TransferDescriptor:
         """Reserve blocks for `prompt` and return the descriptor a prefill worker (`prefill_id`,
-        when known) fills them by."""
-        self._check_new(request_id, prompt)
-        if self.num_held >= self.engine.scheduler.config.max_num_seqs:
+        when known) fills them by. `forks` (request id -> sampling) are more sequences of the
+        same prompt: they join the batch on its blocks when the transfer completes."""
+        forks = forks or {}
+        self._check_new([request_id, *forks], prompt)
+        if self.num_held + len(forks) >= self.engine.scheduler.config.max_num_seqs:
             raise AdmitError(f"busy: {self.num_held} requests held", 429)
         cached = self.engine.scheduler.cached_prefix(prompt)
         self.pool.incref(cached)  # before allocating: the hits must not be evicted for it
@@ -143,25 +152,41 @@ class DecodeWorker:
         except Exception:
             self.pool.free([*cached, *block_ids])
             raise
-        pending = _Pending(request_id, list(prompt), params, transfer, prefill_id, tuple(cached))
+        pending = _Pending(
+            request_id, list(prompt), params, transfer, prefill_id, tuple(cached), dict(forks)
+        )
         self._pending[transfer.transfer_id] = pending
-        self._by_request[request_id] = transfer.transfer_id
+        for rid in (request_id, *forks):
+            self._by_request[rid] = transfer.transfer_id
         return transfer
 
-    def admit_local(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Serve a request whole here (aggregated mode, or a prompt too short to ship)."""
-        self._check_new(request_id, prompt)
+    def admit_local(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        forks: dict[str, SamplingParams] | None = None,
+    ) -> None:
+        """Serve a request whole here (aggregated mode, or a prompt too short to ship); its
+        `forks` start once its prompt is computed, on its blocks."""
+        forks = forks or {}
+        self._check_new([request_id, *forks], prompt)
         waiting = len(self.engine.scheduler.waiting)
-        if waiting >= self.engine.scheduler.config.max_num_seqs:
+        if waiting + len(forks) >= self.engine.scheduler.config.max_num_seqs:
             raise AdmitError(f"busy: {waiting} requests waiting", 429)
         try:
             self.engine.add_request(request_id, prompt, params)
         except RequestError as err:
             raise AdmitError(str(err), 400) from None
+        for fork, fork_params in forks.items():  # same prompt, unused ids: cannot be refused
+            self.engine.add_request(fork, prompt, fork_params, after=request_id)
 
-    def _check_new(self, request_id: str, prompt: list[int]) -> None:
-        if request_id in self._by_request or request_id in self.engine.scheduler.requests:
-            raise AdmitError(f"request id {request_id!r} is already in use", 400)
+    def _check_new(self, request_ids: list[str], prompt: list[int]) -> None:
+        for request_id in request_ids:
+            if request_id in self._by_request or request_id in self.engine.scheduler.requests:
+                raise AdmitError(f"request id {request_id!r} is already in use", 400)
+        if len(set(request_ids)) < len(request_ids):
+            raise AdmitError("a fork repeats a request id", 400)
         try:
             self.engine.scheduler.check_prompt(prompt)
         except RequestError as err:
@@ -170,11 +195,18 @@ class DecodeWorker:
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; its blocks return to the pool."""
         transfer_id = self._by_request.get(request_id)
-        if transfer_id is not None:
-            self.receiver.cancel(transfer_id)
-            self._release(transfer_id)
+        if transfer_id is None:
+            return self.engine.abort(request_id)
+        pending = self._pending[transfer_id]
+        if request_id != pending.request_id:  # a fork: the transfer goes on for the others
+            del pending.forks[request_id], self._by_request[request_id]
             return True
-        return self.engine.abort(request_id)
+        self.receiver.cancel(transfer_id)
+        self._release(transfer_id)
+        # Its forks lose the prompt they were to share: they fail over (another pair, alone).
+        error = "the request this sequence was forked from was aborted"
+        self._outbox += [_error_output(pending, f, error, FailedTransfer) for f in pending.forks]
+        return True
 
     def fail_transfers_from(self, prefill_id: str) -> int:
         """Fail (and free) every pending transfer from `prefill_id`, which is dead; returns how
@@ -182,9 +214,7 @@ class DecodeWorker:
         doomed = [t for t, p in self._pending.items() if p.prefill_id == prefill_id]
         for transfer_id in doomed:
             self.receiver.cancel(transfer_id)
-            output = self._fail(transfer_id, f"prefill worker {prefill_id} died")
-            if output is not None:
-                self._outbox.append(output)
+            self._outbox += self._fail(transfer_id, f"prefill worker {prefill_id} died")
         return len(doomed)
 
     def has_work(self) -> bool:
@@ -193,15 +223,16 @@ class DecodeWorker:
     def step(self) -> list[RequestOutput]:
         """Adopt finished transfers, expire late ones, then run one decode iteration."""
         outputs, self._outbox = self._outbox, []
-        outputs += [self._adopt(r) for r in self.receiver.poll_completed(0.0)]
-        outputs += [self._fail(t, "KV transfer deadline passed") for t in self.receiver.expire()]
-        outputs = [o for o in outputs if o is not None]
+        for result in self.receiver.poll_completed(0.0):
+            outputs += self._adopt(result)
+        for transfer_id in self.receiver.expire():
+            outputs += self._fail(transfer_id, "KV transfer deadline passed")
         return outputs + self.engine.step()
 
-    def _adopt(self, result: TransferResult) -> RequestOutput | None:
+    def _adopt(self, result: TransferResult) -> list[RequestOutput]:
         pending = self._pending.get(result.transfer_id)
         if pending is None:  # aborted in the meantime
-            return None
+            return []
         if not result.ok:
             return self._fail(result.transfer_id, f"KV transfer failed: {result.error}")
         self._release(result.transfer_id, keep_blocks=True)
@@ -217,29 +248,40 @@ class DecodeWorker:
             )
         except RequestError as err:
             self.pool.free(pending.block_ids)
-            return _error_output(pending, str(err))
-        return None  # the engine reports the first token in its next step (below)
+            return [
+                _error_output(pending, rid, str(err))
+                for rid in (pending.request_id, *pending.forks)
+            ]
+        for fork, params in pending.forks.items():  # prompt computed: they queue at once
+            self.engine.add_request(fork, pending.prompt, params, after=pending.request_id)
+        return []  # the engine reports the first tokens in its next steps (below)
 
-    def _fail(self, transfer_id: str, error: str) -> RequestOutput | None:
+    def _fail(self, transfer_id: str, error: str) -> list[RequestOutput]:
+        """Outputs for a pending request (and its forks) whose KV will never come: the
+        gateway places them again (503)."""
         pending = self._release(transfer_id)
         if pending is None:
-            return None
+            return []
         log.warning("transfer_failed", request_id=pending.request_id, error=error)
-        return _error_output(pending, error, FailedTransfer)
+        ids = (pending.request_id, *pending.forks)
+        return [_error_output(pending, rid, error, FailedTransfer) for rid in ids]
 
     def _release(self, transfer_id: str, *, keep_blocks: bool = False) -> _Pending | None:
         pending = self._pending.pop(transfer_id, None)
         if pending is None:
             return None
-        self._by_request.pop(pending.request_id, None)
+        for rid in (pending.request_id, *pending.forks):
+            self._by_request.pop(rid, None)
         if not keep_blocks:
             self.pool.free(pending.block_ids)
         return pending
 
 
-def _error_output(pending: _Pending, error: str, cls=RequestOutput) -> RequestOutput:
+def _error_output(
+    pending: _Pending, request_id: str, error: str, cls=RequestOutput
+) -> RequestOutput:
     return cls(
-        request_id=pending.request_id,
+        request_id=request_id,
         new_token_ids=[],
         finished=True,
         finish_reason="error",

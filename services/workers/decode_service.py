@@ -68,25 +68,30 @@ class DecodeService(WorkerService):
         req = decode(AdmitRequest, msg.data)
         if (refused := self.refusal()) is not None:
             return refused
-        self.gateways[req.request_id] = req.gateway_id
+        forks = {f.request_id: f.sampling for f in req.forks}
+        for request_id in (req.request_id, *forks):
+            self.gateways[request_id] = req.gateway_id
         if req.num_generated:
             log.info("migrated_in", request_id=req.request_id, num_generated=req.num_generated)
         try:
-            transfer = await self._admit(req)
+            transfer = await self._admit(req, forks)
         except AdmitError as err:
-            self.gateways.pop(req.request_id, None)
+            for request_id in (req.request_id, *forks):
+                self.gateways.pop(request_id, None)
             kind = "rate_limit_error" if err.status == 429 else None
             return error_reply(str(err), err.status, kind=kind)
-        log.info("admitted", request_id=req.request_id, prefill_id=req.prefill_id)
+        log.info("admitted", request_id=req.request_id, prefill_id=req.prefill_id, forks=len(forks))
         return encode(AdmitReply(request_id=req.request_id, transfer=transfer))
 
-    async def _admit(self, req: AdmitRequest) -> TransferDescriptor | None:
+    async def _admit(self, req: AdmitRequest, forks: dict) -> TransferDescriptor | None:
         """Reserve blocks for a transfer, or (no prefill worker) queue the prompt here."""
         if req.prefill_id is None:  # aggregated, or conditional disaggregation
-            await self.loop.call(self.core.admit_local, req.request_id, req.prompt, req.sampling)
+            await self.loop.call(
+                self.core.admit_local, req.request_id, req.prompt, req.sampling, forks
+            )
             return None
         return await self.loop.call(
-            self.core.admit, req.request_id, req.prompt, req.sampling, req.prefill_id
+            self.core.admit, req.request_id, req.prompt, req.sampling, req.prefill_id, forks
         )
 
     async def _on_heartbeat(self, msg: Msg) -> None:

@@ -160,6 +160,7 @@ class WorkerService(abc.ABC):
     async def _on_abort(self, msg: Msg) -> bytes:
         req = decode(AbortRequest, msg.data)
         found = await self.loop.call(self.core.abort, req.request_id)
+        self.gateways.pop(req.request_id, None)  # its gateway stopped listening for it
         log.info("abort", request_id=req.request_id, reason=req.reason, found=found)
         return encode(AbortReply(request_id=req.request_id, found=bool(found)))
 

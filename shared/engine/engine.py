@@ -48,9 +48,12 @@ class Engine:
     def kv_cache(self) -> KVCache:
         return self.runner.kv_cache
 
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises RequestError if it can never be served."""
-        self.scheduler.add_request(request_id, prompt, params)
+    def add_request(
+        self, request_id: str, prompt: list[int], params: SamplingParams, after: str | None = None
+    ) -> None:
+        """Queue a request (a fork of request ``after``, when given: see ``Scheduler``); raises
+        RequestError if it can never be served."""
+        self.scheduler.add_request(request_id, prompt, params, after)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if unknown or already finished."""

@@ -13,6 +13,7 @@ class RequestError(ValueError):
 
 
 class Status(enum.Enum):
+    HELD = "held"  # a fork waiting for its parent's prompt to be computed
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -33,6 +34,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # Of prompt tokens 1, 2, ... as computed here; None when the prompt was prefilled elsewhere.
     prompt_logprobs: list[Logprob] | None = field(default_factory=list)
+    parent: str | None = None  # a fork: the request whose prompt (and cached blocks) it shares
 
     @property
     def num_tokens(self) -> int:
@@ -72,3 +74,20 @@ class RequestOutput:
     def index(self) -> int:
         """Position in the output of the first token in ``new_token_ids``."""
         return self.num_output_tokens - len(self.new_token_ids)
+
+
+def output_of(req: Request, tokens: list[int], logprob: Logprob | None = None) -> RequestOutput:
+    """What a step did for ``req``: ``tokens`` new (and the first's logprob, when asked); the
+    prompt's logprobs ride with the first output token."""
+    first = req.prompt_logprobs is not None and req.params.prompt_logprobs is not None
+    return RequestOutput(
+        request_id=req.request_id,
+        new_token_ids=tokens,
+        finished=req.status is Status.FINISHED,
+        finish_reason=req.finish_reason,
+        num_prompt_tokens=len(req.prompt),
+        num_output_tokens=len(req.output),
+        num_cached_tokens=req.num_cached_tokens,
+        logprobs=None if logprob is None else (logprob,),
+        prompt_logprobs=tuple(req.prompt_logprobs) if first and len(req.output) == 1 else None,
+    )

@@ -6,6 +6,11 @@ then partial prefills, then waiting requests in arrival order. A request that ca
 for its next token preempts the latest-arrived running request, which frees its blocks and is
 recomputed later (greedy output is unchanged by this).
 
+A *fork* (``add_request(..., after=parent)``: one of n sequences of one prompt) is held until
+its parent's prompt is computed, then queued like any request: the prefix cache gives it the
+parent's full blocks (shared, refcounted), and it computes only the prompt's last partial block
+(at most ``block_size`` tokens) itself, so n sequences cost one prompt's prefill and its blocks.
+
 Block ownership: the scheduler owns the blocks in ``Request.block_table`` from ``add_request``
 (or from ``add_prefilled``, where the caller hands over blocks it reserved) until the request
 finishes, is aborted or is preempted; then it returns them to the pool itself.
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 
 from disagg.shared.config import option
 from disagg.shared.engine.block_pool import BlockPool, hash_block_tokens, prefix_block_hashes
-from disagg.shared.engine.request import Request, RequestError, RequestOutput, Status
+from disagg.shared.engine.request import Request, RequestError, RequestOutput, Status, output_of
 from disagg.shared.protocol.sampling import Logprob, SamplingParams
 
 
@@ -86,6 +91,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self._held: dict[str, list[Request]] = {}  # parent id -> forks waiting for its prompt
         self._arrivals = 0
         self._pending_outputs: list[RequestOutput] = []
         # Cumulative work done, for rate estimates: prompt tokens run through the model (cache
@@ -95,9 +101,24 @@ class Scheduler:
 
     # -- intake -----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises RequestError if it can never be served."""
-        self.waiting.append(self._new_request(request_id, prompt, params))
+    def add_request(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        after: str | None = None,
+    ) -> None:
+        """Queue a request; raises RequestError if it can never be served. With ``after`` (a
+        request with the same prompt) it is a fork: held until that prompt is computed."""
+        parent = self.requests.get(after) if after is not None else None
+        if parent is not None and parent.prompt != list(prompt):
+            raise RequestError(f"fork {request_id!r} has another prompt than {after!r}")
+        req = self._new_request(request_id, prompt, params)
+        if parent is None or parent.num_computed >= len(parent.prompt):
+            self.waiting.append(req)
+            return
+        req.status, req.parent = Status.HELD, after
+        self._held.setdefault(after, []).append(req)
 
     def add_prefilled(
         self,
@@ -130,7 +151,7 @@ class Scheduler:
         req.status = Status.RUNNING
         self.running.append(req)
         self._append_token(req, first_token)
-        self._pending_outputs.append(self._output(req, [first_token], first_logprob))
+        self._pending_outputs.append(output_of(req, [first_token], first_logprob))
 
     def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Request:
         if request_id in self.requests:
@@ -159,13 +180,13 @@ class Scheduler:
         if req is None or req.status is Status.FINISHED:
             return False
         self._finish(req, "abort")
-        self._pending_outputs.append(self._output(req, []))
+        self._pending_outputs.append(output_of(req, []))
         return True
 
     # -- stepping ---------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._pending_outputs)
+        return bool(self.waiting or self.running or self._pending_outputs or self._held)
 
     @property
     def num_queued_prefill_tokens(self) -> int:
@@ -233,6 +254,8 @@ class Scheduler:
         per request that got a token."""
         prompt_logprobs = prompt_logprobs or {}
         for req, n in plan.chunks:
+            if req.request_id in self._held and req.num_computed + n >= len(req.prompt):
+                self._release_forks(req.request_id)  # its blocks are committed just below
             if req.request_id in prompt_logprobs:  # the runner computes them only when wanted
                 first, values = prompt_logprobs[req.request_id]
                 have = len(req.prompt_logprobs)  # a recompute after preemption adds nothing
@@ -248,7 +271,7 @@ class Scheduler:
         logprobs = logprobs or [None] * len(tokens)
         for req, token, logprob in zip(plan.sampled, tokens, logprobs, strict=True):
             self._append_token(req, token)
-            outputs.append(self._output(req, [token], logprob))
+            outputs.append(output_of(req, [token], logprob))
         return outputs
 
     # -- blocks -----------------------------------------------------------------------------
@@ -340,32 +363,23 @@ class Scheduler:
             return "length"
         return None
 
+    def _release_forks(self, parent_id: str) -> None:
+        """Queue the forks held for ``parent_id`` at the front (they arrived with it)."""
+        for fork in reversed(self._held.pop(parent_id, [])):
+            fork.status = Status.WAITING
+            self.waiting.appendleft(fork)
+
     def _finish(self, req: Request, reason: str) -> None:
         self._release_blocks(req)
         if req.status is Status.RUNNING:
             self.running.remove(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
+        elif req.status is Status.HELD:
+            forks = self._held[req.parent]
+            forks.remove(req)
+            if not forks:
+                del self._held[req.parent]
+        self._release_forks(req.request_id)  # ended before its prompt did: forks go alone
         req.status, req.finish_reason = Status.FINISHED, reason
         self.requests.pop(req.request_id, None)
-
-    @staticmethod
-    def _output(req: Request, tokens: list[int], logprob: Logprob | None = None) -> RequestOutput:
-        prompt_logprobs = None
-        if (
-            req.prompt_logprobs is not None
-            and req.params.prompt_logprobs is not None
-            and (len(req.output) == 1)
-        ):
-            prompt_logprobs = tuple(req.prompt_logprobs)
-        return RequestOutput(
-            request_id=req.request_id,
-            new_token_ids=tokens,
-            finished=req.status is Status.FINISHED,
-            finish_reason=req.finish_reason,
-            num_prompt_tokens=len(req.prompt),
-            num_output_tokens=len(req.output),
-            num_cached_tokens=req.num_cached_tokens,
-            logprobs=None if logprob is None else (logprob,),
-            prompt_logprobs=prompt_logprobs,
-        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from msgspec import Meta
 
 from disagg.shared.protocol.codec import ErrorBody, Message
@@ -126,10 +127,22 @@ class PlaceReply(Message):
     prefill_id: Id | None
 
 
+MAX_FORKS = 63  # more sequences of one admitted prompt (n - 1)
+
+
+class Fork(msgspec.Struct, frozen=True, kw_only=True):
+    """One more sequence of an admitted prompt (n > 1): its own request id (and stream), its
+    own sampling (a seed of its own); it runs on the prompt's blocks, shipped once."""
+
+    request_id: Id
+    sampling: SamplingParams
+
+
 class AdmitRequest(Message):
     """Gateway -> decode worker: reserve blocks for a request (``prefill_id`` None: prefill
     locally). ``num_generated`` counts tokens already generated before a migration; they are
-    the tail of ``prompt``."""
+    the tail of ``prompt``. ``forks`` start on the prompt's blocks once its KV is here; the
+    prefill worker never hears of them."""
 
     request_id: Id
     gateway_id: Id
@@ -138,6 +151,7 @@ class AdmitRequest(Message):
     prefill_id: Id | None
     wire_dtype: WireDtype
     num_generated: Count = 0
+    forks: Annotated[list[Fork], Meta(max_length=MAX_FORKS)] = []
 
 
 class AdmitReply(Message):
