@@ -2,7 +2,10 @@
 
 Starts nats-server, the scheduler, the workers and the gateway as child processes — the same
 `disagg <role> ...` commands a user would run by hand — waits until the gateway is healthy,
-prints where it serves, and stops everything on Ctrl-C or SIGTERM (or when a child dies).
+prints where it serves, and stops everything on Ctrl-C or SIGTERM. A child that dies once the
+stack is up (any role, the scheduler, the gateway, the embedded nats-server) is restarted with
+exponential backoff; a crash loop stops restarting that child and the rest keeps serving
+(`supervisor`). Every child dies with `disagg up`, however it ends.
 
 Secrets (NATS user/password or token, API keys) reach the children in their environment, never
 on a command line (`ps` shows those). With NATS credentials and no `--nats`, the embedded
@@ -20,11 +23,13 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
 from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
+from disagg.cli.supervisor import RestartPolicy, Supervisor
 from disagg.cli.tiny import TinySpec, write_tiny_checkpoint
 from disagg.services.workers.config import parse_cpus
 from disagg.shared.config import env_name, group, option
@@ -58,6 +63,7 @@ class UpConfig:
     log_dir: Path | None = option(None, help="one log file per child (default: inherit)")
     log_level: str = option("info", help="debug | info | warning | error")
     ready_timeout_s: float = option(180.0, help="bound on the whole stack getting ready")
+    restart: RestartPolicy = group(RestartPolicy)
 
     def __post_init__(self) -> None:
         if self.prefill < 0 or self.decode < 1:
@@ -102,6 +108,8 @@ class Stack:
         self.nats_url = args.nats or self.nats.url
         self.env = os.environ | child_secrets(args)
         self.children: list[Child] = []
+        self._argv: dict[str, list[str]] = {}  # how each child was started
+        self._down: set[str] = set()  # exited, restart pending (or given up)
 
     def start(self) -> None:
         if self.nats is not None:
@@ -122,18 +130,52 @@ class Stack:
                 argv += ["--cpus", str(cpus[i % len(cpus)])]
             self._spawn(f"{role}-{i}", argv)
         gateway = ["gateway", *common, "--model", str(self.model), "--host", self.args.host]
-        self._spawn("gateway", [*gateway, "--port", str(self.args.port)])
+        expect = ",".join(f"{r}={n}" for r, n in Counter(worker_roles(self.args)).items())
+        gateway += ["--port", str(self.args.port), "--expect-workers", expect]
+        self._spawn("gateway", gateway)
 
     def _model_flags(self) -> list[str]:
         return ["--model", str(self.model), "--dtype", self.args.dtype]
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str]) -> Child:
         out = None
         if self.args.log_dir is not None:
             self.args.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.args.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
-        argv = [*disagg_command(), *argv]
-        self.children.append(Child(name, argv, env=self.env, log=out or sys.stderr))
+        self._argv[name] = argv
+        child = Child(name, [*disagg_command(), *argv], env=self.env, log=out or sys.stderr)
+        self.children.append(child)
+        return child
+
+    def supervise(self, sup: Supervisor, now: float) -> None:
+        """Report new exits to `sup` and restart the children it says are due."""
+        nats = [self.nats.child] if self.nats is not None and self.nats.child else []
+        for child in [*nats, *self.children]:
+            if child.alive() or child.name in self._down:
+                continue
+            code = child.proc.returncode
+            if code == 0 and child.name.split("-")[0] in ROLES:  # a worker that drained
+                log.info("worker_left", name=child.name)
+                self.children.remove(child)
+                continue
+            self._down.add(child.name)
+            when = sup.exited(child.name, now)
+            if when is None:
+                hint = "not restarted again; the rest of the stack keeps serving"
+                log.error("crash_loop", name=child.name, code=code, exits=sup.exits(child.name),
+                          hint=hint)  # fmt: skip
+            else:
+                log.warning("child_exited", name=child.name, code=code, restart_in_s=when - now)
+        for name in sup.due(now):
+            self._down.discard(name)
+            if name == "nats-server":
+                self.nats.start()
+                pid = self.nats.child.pid
+            else:
+                self.children = [c for c in self.children if c.name != name]
+                pid = self._spawn(name, self._argv[name]).pid
+            sup.started(name, now)
+            log.info("child_restarted", name=name, pid=pid)
 
     def dead_child(self) -> Child | None:
         """A child that died; a worker that drained and exited 0 is let go, not a failure."""
@@ -233,13 +275,15 @@ def _serve(args: UpConfig, stack: Stack, model: Path, stop: threading.Event) -> 
     stack.start()
     base = f"http://{args.host}:{args.port}"
     wait_ready(base, stack, args.ready_timeout_s)
-    roles = ", ".join(f"{c.name} (pid {c.pid})" for c in stack.children)
+    embedded = [stack.nats.child] if stack.nats is not None else []
+    roles = ", ".join(f"{c.name} (pid {c.pid})" for c in [*embedded, *stack.children])
     nats = redact_url(stack.nats_url)
     print(f"disagg is serving {model} at {base}/v1 ({args.mode} mode; NATS {nats})")
     print(f"processes: {roles}", flush=True)
+    sup, now = Supervisor(args.restart), time.monotonic()
+    for name in ["nats-server"] * (stack.nats is not None) + [c.name for c in stack.children]:
+        sup.started(name, now)
     while not stop.is_set():
-        if (dead := stack.dead_child()) is not None:
-            log.error("child_exited", name=dead.name, code=dead.proc.returncode)
-            return 1
+        stack.supervise(sup, time.monotonic())
         stop.wait(0.2)
     return 0

@@ -143,3 +143,34 @@ class PeerWatch:
             for state in self.table.workers():
                 self.table.update(state.report, now)
         return self.table.expire(now)
+
+
+class Leases:
+    """Parties that must keep being heard (gateways, for the requests they placed): each beat or
+    message renews a party's lease; one silent for ``timeout_s`` is expired. As ``PeerWatch``,
+    silence during this process's own NATS outage is not counted, and every lease is renewed
+    when the connection comes back."""
+
+    def __init__(self, is_connected: Callable[[], bool], timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self._last: dict[str, float] = {}
+        self._is_connected = is_connected
+        self._was_down = False
+
+    def renew(self, party: str, now: float) -> None:
+        self._last[party] = now
+
+    def expire(self, now: float) -> list[str]:
+        """Forget and return (sorted) the parties silent for more than ``timeout_s``."""
+        if not self._is_connected():
+            self._was_down = True
+            return []
+        if self._was_down:
+            self._was_down = False
+            self._last = dict.fromkeys(self._last, now)
+        gone = sorted(p for p, last in self._last.items() if now - last > self.timeout_s)
+        for party in gone:
+            del self._last[party]
+        return gone

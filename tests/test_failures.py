@@ -36,7 +36,7 @@ from disagg.cli.procs import NatsServer, disagg_command, free_port
 from disagg.services.gateway.migration import BackendError, Progress, WorkerLost
 from disagg.services.gateway.stream import AttemptStream, WorkerDied
 from disagg.services.workers.decode import AdmitError, DecodeWorker, FailedTransfer
-from disagg.shared.cluster import PeerWatch
+from disagg.shared.cluster import Leases, PeerWatch
 from disagg.shared.engine.runtime import RuntimeConfig, build_runtime
 from disagg.shared.engine.scheduler import EngineConfig
 from disagg.shared.protocol.codec import ErrorBody, decode_reply
@@ -87,23 +87,29 @@ class Streams:
     def _run(self, base: str, i: int, prompt: list[int], max_tokens: int, extra: dict) -> None:
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True, "return_token_ids": True} | extra  # fmt: skip
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
-            for line in resp.iter_lines():
-                if not line.startswith("data: {"):
+        try:
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
+                self._read(i, resp)
+        except httpx.HTTPError as err:  # e.g. the gateway died: the connection closed
+            self.errors[i] = {"message": f"{type(err).__name__}: connection closed: {err}"}
+
+    def _read(self, i: int, resp: httpx.Response) -> None:
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                self.errors[i] = chunk["error"]
+                return
+            self.ids[i] = chunk["id"]
+            for choice in chunk["choices"]:
+                if choice["index"]:
+                    more = self.more[i].setdefault(choice["index"], [])
+                    more += choice.get("token_ids") or []
                     continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    self.errors[i] = chunk["error"]
-                    return
-                self.ids[i] = chunk["id"]
-                for choice in chunk["choices"]:
-                    if choice["index"]:
-                        more = self.more[i].setdefault(choice["index"], [])
-                        more += choice.get("token_ids") or []
-                        continue
-                    self.tokens[i] += choice.get("token_ids") or []
-                    if block := choice.get("logprobs"):
-                        self.logprobs[i] += block["token_logprobs"]
+                self.tokens[i] += choice.get("token_ids") or []
+                if block := choice.get("logprobs"):
+                    self.logprobs[i] += block["token_logprobs"]
 
     def wait_started(self, n: int = 1) -> None:
         wait_until(lambda: all(len(t) >= n for t in self.tokens), what="every stream started")
@@ -232,6 +238,20 @@ def test_peer_watch_does_not_count_its_own_outage():
     connected[0] = True
     assert watch.expire(now=12.0) == []  # a fresh bound after the reconnection
     assert watch.expire(now=15.5) == ["d1"]
+
+
+def test_gateway_leases_expire_after_silence_but_not_during_our_own_outage():
+    connected = [True]
+    leases = Leases(lambda: connected[0], timeout_s=3.0)
+    leases.renew("gw-a", 0.0)
+    leases.renew("gw-b", 0.0)
+    leases.renew("gw-b", 2.5)
+    assert leases.expire(3.5) == ["gw-a"] and leases.expire(3.6) == []
+    connected[0] = False
+    assert leases.expire(20.0) == []  # cut off ourselves: nobody's fault
+    connected[0] = True
+    assert leases.expire(21.0) == []  # every lease renewed at the reconnection
+    assert leases.expire(24.5) == ["gw-b"]
 
 
 def test_decode_fails_transfers_of_a_dead_prefill_and_bounds_admission(checkpoints):

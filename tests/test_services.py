@@ -31,8 +31,10 @@ STARTUP_S = 240
 class Up:
     """`disagg up` in a child process, stopped by PID at teardown."""
 
-    def __init__(self, model: Path, *extra: str, log_dir: Path | None = None) -> None:
-        self.port, self.nats_port = free_port(), free_port()
+    def __init__(
+        self, model: Path, *extra: str, log_dir: Path | None = None, ports: tuple | None = None
+    ) -> None:
+        self.port, self.nats_port = ports or (free_port(), free_port())
         argv = [*disagg_command(), "up", "--model", str(model), "--port", str(self.port)]
         argv += ["--nats-port", str(self.nats_port), "--kv-memory-gb", "0.05", "--block-size", "4"]
         if log_dir is not None:

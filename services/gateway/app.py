@@ -12,6 +12,7 @@ import functools
 import hmac
 import importlib.metadata
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -183,9 +184,12 @@ def _info_routes(app: FastAPI, gateway, metrics: GatewayMetrics) -> None:
     async def health() -> Response:
         if gateway.draining:
             return error_response(service_unavailable("the gateway is shutting down"))
-        if gateway.backend.can_serve():
-            return JSONResponse({"status": "ok"})
-        return error_response(service_unavailable("no worker can serve a request right now"))
+        if not gateway.backend.can_serve():
+            return error_response(service_unavailable("no worker can serve a request right now"))
+        live = Counter(str(w.report.role) for w in gateway.backend.alive_workers())
+        short = sorted(r for r, n in gateway.expected_workers.items() if live[r] < n)
+        body = {"status": "degraded" if short else "ok", "workers": dict(sorted(live.items()))}
+        return JSONResponse(body | ({"degraded": short} if short else {}))
 
     @app.get(
         "/metrics",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from disagg.shared.config import group, option
-from disagg.shared.protocol.types import check_id
+from disagg.shared.protocol.types import Role, check_id
 from disagg.shared.service import ServiceConfig
 
 
@@ -54,6 +54,10 @@ class GatewayConfig:
     drain_timeout_s: float = option(30.0, help="SIGTERM: finish requests within")
     api_key: tuple[str, ...] = option((), help="required Bearer key(s), comma separated",
                                       secret=True)  # fmt: skip
+    expect_workers: str | None = option(
+        None, help="live workers the stack should have, e.g. prefill=1,decode=2 (or both=2): "
+        "/health says which roles are short (degraded)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.id is not None:
@@ -64,6 +68,18 @@ class GatewayConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.migration_limit < 0:
             raise ValueError(f"--migration-limit must be >= 0, got {self.migration_limit}")
+        self.expected_workers()  # raises on a bad spec
+
+    def expected_workers(self) -> dict[str, int]:
+        """--expect-workers as {role: count} ("worker", as `disagg up` names it, is "both")."""
+        expected: dict[str, int] = {}
+        for item in filter(None, (self.expect_workers or "").split(",")):
+            role, _, count = item.partition("=")
+            role = {"worker": "both"}.get(role.strip(), role.strip())
+            if role not in {r.value for r in Role} or not count.strip().isdigit():
+                raise ValueError(f"--expect-workers: {item!r} is not role=count")
+            expected[role] = int(count)
+        return expected
 
     @property
     def served_models(self) -> tuple[str, ...]:

@@ -114,6 +114,7 @@ class Gateway:
         self.max_concurrent = max_concurrent
         self.running = 0
         self.draining = False
+        self.expected_workers: dict[str, int] = {}  # role -> count (--expect-workers)
         self.created = int(time.time())
 
     def parse(self, kind: str, body: Any) -> GenerationRequest:

@@ -15,13 +15,14 @@ from disagg.services.gateway.core import Gateway
 from disagg.services.gateway.metrics import GatewayMetrics
 from disagg.services.gateway.nats_api import NatsApi
 from disagg.services.gateway.openai.request import ParseContext
+from disagg.shared.cluster import HEARTBEAT_INTERVAL_S
 from disagg.shared.log import get_logger
 from disagg.shared.model.args import ModelArgs
-from disagg.shared.protocol.codec import decode
-from disagg.shared.protocol.messages import SchedulerStats
+from disagg.shared.protocol.codec import decode, encode
+from disagg.shared.protocol.messages import GatewayHeartbeat, SchedulerStats
 from disagg.shared.protocol.subjects import Subjects
 from disagg.shared.protocol.types import MessageError, new_request_id
-from disagg.shared.service import connect_nats, run_service
+from disagg.shared.service import connect_nats, publish, run_service, sleep_unless
 from disagg.shared.tokenizer import Tokenizer
 
 log = get_logger("disagg.gateway")
@@ -67,6 +68,7 @@ async def run_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
     await _watch_schedulers(nc, subjects, backend, metrics)
     await backend.start()
     gateway = Gateway(backend, ctx, metrics, eos_ids, cfg.max_concurrent_requests)
+    gateway.expected_workers = cfg.expected_workers()
     await _serve(cfg, nc, gateway, subjects, stop)
     await nc.drain()
 
@@ -130,6 +132,7 @@ async def _serve(cfg: GatewayConfig, nc, gateway: Gateway, subjects, stop: async
     backend_done, api_done = asyncio.Event(), asyncio.Event()
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(gateway.backend.run(backend_done))
+        tasks.create_task(_heartbeats(nc, subjects, gateway, backend_done))
         api_serving = tasks.create_task(api.serve(api_done, cfg.drain_timeout_s))
         serving = tasks.create_task(server.serve())
         _log_ready(cfg, gateway)
@@ -140,6 +143,17 @@ async def _serve(cfg: GatewayConfig, nc, gateway: Gateway, subjects, stop: async
         await asyncio.gather(serving, api_serving)
         backend_done.set()
     log.info("drained", running=gateway.running)
+
+
+async def _heartbeats(nc, subjects: Subjects, gateway: Gateway, until: asyncio.Event) -> None:
+    """This gateway's lease on its requests: workers abort those of a silent gateway."""
+    while not until.is_set():
+        if nc.is_connected:
+            beat = GatewayHeartbeat(
+                gateway_id=gateway.backend.gateway_id, running=gateway.running, sent_at=time.time()
+            )
+            await publish(nc, subjects.gateway_heartbeat, encode(beat))
+        await sleep_unless(until, HEARTBEAT_INTERVAL_S)
 
 
 def _log_ready(cfg: GatewayConfig, gateway: Gateway) -> None:

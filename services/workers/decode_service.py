@@ -69,8 +69,7 @@ class DecodeService(WorkerService):
         if (refused := self.refusal()) is not None:
             return refused
         forks = {f.request_id: f.sampling for f in req.forks}
-        for request_id in (req.request_id, *forks):
-            self.gateways[request_id] = req.gateway_id
+        self.track([req.request_id, *forks], req.gateway_id)
         if req.num_generated:
             log.info("migrated_in", request_id=req.request_id, num_generated=req.num_generated)
         try:

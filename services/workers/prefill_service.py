@@ -48,7 +48,7 @@ class PrefillService(WorkerService):
         req = decode(PrefillJobMsg, msg.data)
         if (refused := self.refusal()) is not None:
             return refused
-        self.gateways[req.request_id] = req.gateway_id
+        self.track([req.request_id], req.gateway_id)
         job = PrefillJob(req.request_id, req.prompt, req.sampling, req.transfer)
         try:
             await self.loop.call(self.core.submit, job)

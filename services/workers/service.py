@@ -22,11 +22,12 @@ from nats.aio.msg import Msg
 
 from disagg.services.workers.config import WorkerConfig
 from disagg.services.workers.loop import ComputeLoop
+from disagg.shared.cluster import Leases
 from disagg.shared.engine.runtime import Runtime, build_runtime, tty_progress
 from disagg.shared.log import get_logger
 from disagg.shared.protocol.codec import Message, decode, encode, error_reply
-from disagg.shared.protocol.messages import AbortReply, AbortRequest, Heartbeat
-from disagg.shared.protocol.types import new_worker_id
+from disagg.shared.protocol.messages import AbortReply, AbortRequest, GatewayHeartbeat, Heartbeat
+from disagg.shared.protocol.types import MessageError, new_worker_id
 from disagg.shared.service import connect_nats, guarded, publish, sleep_unless
 
 log = get_logger("disagg.worker")
@@ -66,6 +67,7 @@ class WorkerService(abc.ABC):
         self._refresh_stats()
         self.draining = False
         self.gateways: dict[str, str] = {}  # request id -> gateway id (event loop only)
+        self.leases: Leases | None = None  # of the gateways with requests here
         self.core = self.build_core()
         self.loop = ComputeLoop(
             self._step, self.core.has_work, self._on_outputs, on_idle=self._refresh_stats
@@ -130,6 +132,9 @@ class WorkerService(abc.ABC):
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect_nats(self.cfg.service.nats, self.worker_id)
+        timeout_s = HEARTBEAT_S * self.cfg.service.missed_heartbeats
+        self.leases = Leases(lambda: self.nc.is_connected, timeout_s)
+        await self.nc.subscribe(self.subjects.gateway_heartbeat, cb=self._on_gateway_beat)
         await self.subscribe()
         abort = guarded(self._on_abort, "abort")
         await self.nc.subscribe(self.subjects.abort(self.worker_id), cb=abort)
@@ -138,6 +143,7 @@ class WorkerService(abc.ABC):
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._heartbeats(stop))
             tasks.create_task(self._publisher(stop))
+            tasks.create_task(self._watch_gateways(stop))
             for work in self.background(stop):
                 tasks.create_task(work)
             await self._until_stopped(stop)
@@ -155,6 +161,32 @@ class WorkerService(abc.ABC):
         while not stop.is_set():
             if self.loop.failed is not None:
                 raise SystemExit(f"compute loop failed: {self.loop.failed!r}")
+            await sleep_unless(stop, 0.5)
+
+    def track(self, request_ids, gateway_id: str) -> None:
+        """Requests of ``gateway_id`` held here: their chunks go to it, and they end with its
+        lease (which sending them renews)."""
+        for request_id in request_ids:
+            self.gateways[request_id] = gateway_id
+        self.leases.renew(gateway_id, time.monotonic())
+
+    async def _on_gateway_beat(self, msg: Msg) -> None:
+        try:
+            beat = decode(GatewayHeartbeat, msg.data)
+        except MessageError:
+            return
+        self.leases.renew(beat.gateway_id, time.monotonic())
+
+    async def _watch_gateways(self, stop: asyncio.Event) -> None:
+        """Abort the requests of gateways whose heartbeats stopped: nobody reads their tokens."""
+        while not stop.is_set():
+            for gateway_id in self.leases.expire(time.monotonic()):
+                orphans = [r for r, g in self.gateways.items() if g == gateway_id]
+                for request_id in orphans:
+                    await self.loop.call(self.core.abort, request_id)
+                    self.gateways.pop(request_id, None)
+                if orphans:
+                    log.warning("gateway_lost", gateway_id=gateway_id, aborted=len(orphans))
             await sleep_unless(stop, 0.5)
 
     async def _on_abort(self, msg: Msg) -> bytes:

@@ -68,6 +68,16 @@ class Heartbeat(Message):
             )
 
 
+class GatewayHeartbeat(Message):
+    """A gateway is alive, published every second on ``Subjects.gateway_heartbeat``: its
+    lease on the requests it placed. Workers abort a silent gateway's requests (nobody would
+    read their tokens) and free their KV; ``running`` is how many it has in flight."""
+
+    gateway_id: Id
+    running: Count = 0
+    sent_at: Seconds = 0.0  # unix time
+
+
 class TransferReport(Message):
     """A prefill worker's account of one KV transfer, published on ``Subjects.transfer_stats``.
 

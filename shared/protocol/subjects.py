@@ -56,6 +56,11 @@ class Subjects:
         return f"{self.prefix}.worker.heartbeat"
 
     @property
+    def gateway_heartbeat(self) -> str:
+        """Gateway heartbeats (publish): workers abort the requests of a silent gateway."""
+        return f"{self.prefix}.gateway.heartbeat"
+
+    @property
     def transfer_stats(self) -> str:
         """TransferReports from prefill workers (publish), for the gateways' metrics."""
         return f"{self.prefix}.transfer.stats"

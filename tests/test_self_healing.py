@@ -1,0 +1,130 @@
+"""`disagg up` keeps itself up: every kind of child SIGKILLed under load is restarted while
+the stack serves on, and `disagg up` SIGKILLed itself leaves nothing behind (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from tests.cluster import wait_until
+from tests.test_failures import Streams, prompts
+from tests.test_procs import alive
+from tests.test_services import Up, assert_decode_pools_full
+
+pytestmark = pytest.mark.slow
+TOKENS = 300  # a stream that outlives a kill and a restart
+CONTEXT = 8192
+LONGEST = 8000  # tokens: streams that would run for many seconds after their gateway died
+SILENT_S = 4.0  # a worker silent this long is dead to everyone (3 heartbeats of 1 s, and margin)
+
+
+def events(up: Up, event: str, **match) -> list[dict]:
+    """`disagg up`'s own log events (JSON lines on its stdout)."""
+    found = []
+    for line in up.lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event and all(record.get(k) == v for k, v in match.items()):
+            found.append(record)
+    return found
+
+
+def health(up: Up) -> dict:
+    with urllib.request.urlopen(up.base_url + "/health", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def healthy(up: Up) -> bool:
+    try:
+        return health(up)["status"] == "ok"
+    except OSError:
+        return False
+
+
+def pid_of(up: Up, name: str) -> int:
+    restarts = events(up, "child_restarted", name=name)
+    return restarts[-1]["pid"] if restarts else up.pids[name]
+
+
+def model(checkpoints):
+    return checkpoints(arch="llama", max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def up(checkpoints, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("up-logs")
+    stack = Up(model(checkpoints), "--prefill", "1", "--decode", "2", "--restart-initial-s", "0.5",
+               log_dir=logs)  # fmt: skip
+    stack.logs = logs
+    yield stack
+    stack.stop()
+
+
+def test_each_child_sigkilled_under_load_is_restarted_and_streams_complete(up):
+    ps = prompts(3, 8, 21)
+    reference = Streams(up.base_url, ps, TOKENS).results()
+    assert health(up) == {"status": "ok", "workers": {"decode": 2, "prefill": 1}}
+    for name in ("prefill-0", "scheduler", "decode-1", "nats-server"):
+        restarts = len(events(up, "child_restarted", name=name))
+        streams = Streams(up.base_url, ps, TOKENS)
+        streams.wait_started(5)
+        os.kill(pid_of(up, name), signal.SIGKILL)
+        # Past this the killed worker is declared dead (3 missed beats): whoever the gateway
+        # counts from then on is alive. Until a restarted worker is back, new requests that
+        # need its role get a 503 with Retry-After.
+        settled = time.monotonic() + SILENT_S
+        assert streams.results() == reference, name  # greedy: as if nothing happened
+        wait_until(lambda n=name, r=restarts: len(events(up, "child_restarted", name=n)) > r,
+                   what=f"{name} restarted")  # fmt: skip
+        (exited,) = events(up, "child_exited", name=name)[-1:]
+        assert exited["code"] == -signal.SIGKILL and exited["restart_in_s"] <= 0.5
+        wait_until(lambda t=settled: time.monotonic() > t and healthy(up)
+                   and health(up)["workers"] == {"decode": 2, "prefill": 1},
+                   what=f"every worker back after {name}")  # fmt: skip
+        assert_decode_pools_full(up)
+    assert up.proc.poll() is None  # the stack stayed up throughout
+
+
+def test_a_killed_gateway_is_restarted_and_workers_free_its_requests(up):
+    streams = Streams(up.base_url, prompts(3, 8, 22), LONGEST)
+    streams.wait_started(5)
+    os.kill(pid_of(up, "gateway"), signal.SIGKILL)
+    for thread in streams.threads:  # their connections drop: the clients see it
+        thread.join(60)
+    assert all(len(t) < LONGEST for t in streams.tokens)
+    wait_until(lambda: healthy(up), what="the gateway back")
+    assert all(e and "closed" in e["message"] for e in streams.errors), streams.errors
+
+    def aborted() -> int:  # the workers heard the old gateway go silent: its requests end
+        lost = []
+        for log in up.logs.glob("*.log"):
+            lost += [json.loads(x) for x in log.read_text().splitlines() if '"gateway_lost"' in x]
+        return sum(e["aborted"] for e in lost)
+
+    wait_until(lambda: aborted() >= 3, what="the dead gateway's requests aborted")
+    assert_decode_pools_full(up)
+    ok = up.client().completions.create(model=up.client().models.list().data[0].id,
+                                        prompt=[5, 6, 7], max_tokens=3)  # fmt: skip
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_disagg_up_sigkilled_leaves_no_child_and_starts_again_on_its_ports(up, checkpoints):
+    children = [pid_of(up, name) for name in up.pids]
+    up.proc.send_signal(signal.SIGKILL)
+    up.proc.wait(10)
+    killed = time.monotonic()
+    wait_until(lambda: not any(alive(pid) for pid in children), timeout=5,
+               what="every child gone")  # fmt: skip
+    assert time.monotonic() - killed <= 5
+    again = Up(model(checkpoints), "--prefill", "1", "--decode", "2", ports=(up.port, up.nats_port))
+    try:
+        assert healthy(again)
+    finally:
+        again.stop()
