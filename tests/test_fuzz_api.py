@@ -45,6 +45,9 @@ class FakeBackend:
     def can_serve(self) -> bool:
         return True
 
+    def alive_workers(self) -> list:
+        return []
+
     async def generate(self, request_id: str, prompt: list[int], params, group=None):
         n = min(params.max_tokens, 3)
         for i in range(n):

@@ -102,7 +102,7 @@ BAD_COMMON = [
     ("seed", 2**63, 400, "invalid_request_error"),
     ("seed", 1.0, 400, "invalid_request_error"),
     ("stop", 5, 400, "invalid_request_error"),
-    ("stop", ["a", 1], 400, "invalid_request_error"),
+    ("stop", ["a", 1], 400, "invalid_request_error"),  # param "stop[1]": see ELEMENT
     ("stop", [f"s{i}" for i in range(33)], 400, "invalid_request_error"),  # over the flag's 32
     ("stop", [""], 400, "invalid_request_error"),
     ("stop", ["x" * 201], 400, "invalid_request_error"),
@@ -179,19 +179,34 @@ BAD_CHAT = [
 ]
 
 
+# A bad element of an array is named by its path (OpenAI's `param`, e.g. "stop[1]").
+ELEMENT = {
+    ("stop", "['a', 1]"): "stop[1]",
+    ("stop_token_ids", "[-1]"): "stop_token_ids[0]",
+    ("stop_token_ids", "[1.5]"): "stop_token_ids[0]",
+    ("bad_words", "['']"): "bad_words[0]",
+    ("prompt", "[[1, 'a'], [3]]"): "prompt[0][1]",
+    ("prompt", "[1, 'a']"): "prompt[1]",
+    ("prompt", "[True]"): "prompt[0]",
+    ("prompt", "[[1, 'a']]"): "prompt[0][1]",
+}
+
+
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 @pytest.mark.parametrize(("name", "value", "status", "type_"), BAD_COMMON)
 def test_bad_common_field(ctx, kind, name, value, status, type_):
     body = (completion_body if kind == "completion" else chat_body)(**{name: value})
     with pytest.raises(APIError) as info:
         parse(kind, body, ctx)
-    assert (info.value.status, info.value.type, info.value.param) == (status, type_, name)
+    param = ELEMENT.get((name, repr(value)), name)
+    assert (info.value.status, info.value.type, info.value.param) == (status, type_, param)
 
 
 @pytest.mark.parametrize(("name", "value", "param"), BAD_COMPLETION)
 def test_bad_completion_field(ctx, name, value, param):
     with pytest.raises(APIError) as info:
         parse_completion(completion_body(**{name: value}), ctx)
+    param = ELEMENT.get((name, repr(value)), param)
     assert (info.value.status, info.value.type, info.value.param) == (
         400,
         "invalid_request_error",
@@ -921,3 +936,26 @@ def test_fork_groups_attach_who_joined_in_time_and_free_the_rest(ctx):
     assert {rid: g.leader for rid, g in groups.items()} == {
         c.request_id: req.choices[c.index // 2 * 2].request_id for c in req.choices
     }
+
+
+def test_pydantic_errors_read_as_openai_errors(ctx):
+    def error(**fields) -> tuple:
+        with pytest.raises(APIError) as info:
+            parse_chat(chat_body(**fields), ctx)
+        return info.value.param, info.value.code, info.value.message
+
+    part = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}]
+    assert error(messages=part) == (
+        "messages[0].content[1].text", "missing_required",
+        "Missing required parameter: 'messages[0].content[1].text'.",
+    )  # fmt: skip
+    assert error(temperature=math.inf) == (
+        "temperature", "invalid_value",
+        "Invalid 'temperature': expected a finite number, but got inf instead.",
+    )  # fmt: skip
+    assert error(top_p=0) == (
+        "top_p",
+        "invalid_value",
+        "Invalid 'top_p': expected a value > 0.0, but got 0 instead.",
+    )
+    assert error(tools=[{"type": "function"}])[:2] == ("tools", "unsupported")

@@ -364,7 +364,7 @@ def test_vllm_routes_tokenize_detokenize_version_models(disagg_stack, model):
     assert status == 200 and tokens["count"] == len(tokens["tokens"]) > 0
     assert post("/detokenize", {"tokens": tokens["tokens"]}) == (200, {"prompt": "Hello there"})
     status, err = post("/detokenize", {"tokens": ["x"]})
-    assert status == 400 and err["error"]["param"] == "tokens"
+    assert status == 400 and err["error"]["param"] == "tokens[0]"
     with urllib.request.urlopen(disagg_stack.base_url + "/version", timeout=10) as resp:
         assert json.loads(resp.read())["version"]
     entry = disagg_stack.client().models.list().data[0]

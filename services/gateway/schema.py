@@ -1,106 +1,18 @@
-"""The OpenAPI description of the HTTP API, for documentation and schema-driven tests only.
-
-Validation stays in `openai/` (strict, with OpenAI error bodies): these pydantic models are never
-used to parse a request. They describe a superset of what the validator accepts — any body they
-reject, the validator rejects too — so a schema-driven fuzzer can check both directions of
-"invalid in, 4xx out". Cross-field rules and bounds set by flags (the context length,
-`stream_options` needing `stream`, `best_of` equal to `n`, the number of stop strings, token ids
-inside the vocabulary) are the validator's alone.
+"""The OpenAPI description of the HTTP API: the request bodies are the validator's own pydantic
+models (`openai/models.py`), so the document and the validation cannot disagree; a
+schema-driven fuzzer checks both directions of "invalid in, 4xx out". Cross-field rules and
+bounds set by flags (the context length, `stream_options` needing `stream`, `best_of` equal to
+`n`, the number of stop strings, token ids inside the vocabulary) are checked after the models,
+in `openai/parse.py`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from disagg.services.gateway.openai.request import ROLES, SEED_MAX, SEED_MIN
-from disagg.shared.protocol.sampling import MAX_LOGPROBS
-
-NonNegativeTemp = Annotated[float, Field(ge=0.0, le=2.0)]
-StopString = Annotated[str, Field(min_length=1)]
-TokenId = Annotated[int, Field(ge=0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
-MAX_CHOICES = 16
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as vLLM does
-
-
-class StreamOptions(_Body):
-    include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
-
-
-class _Common(_Body):
-    model: str | None = Field(None, description="a served model (GET /v1/models)")
-    temperature: NonNegativeTemp | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
-    best_of: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
-    stop: StopString | list[StopString] | None = None
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
-    ignore_eos: bool | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
-    bad_words: list[Annotated[str, Field(min_length=1)]] | None = None
-    prompt_logprobs: TopN | None = None
-    include_stop_str_in_output: bool | None = None
-    skip_special_tokens: bool | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    return_token_ids: bool | None = None
-
-
-TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-
-
-class CompletionRequest(_Common):
-    """POST /v1/completions: a prompt (text or token ids), or a list of them (one choice each)."""
-
-    prompt: (
-        Annotated[str, Field(min_length=1)]
-        | TokenIds
-        | Annotated[
-            list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_CHOICES)
-        ]
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
-    )
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    echo: bool | None = None
-    logprobs: TopN | None = None
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal[ROLES]
-    content: str | list[TextPart] | None = None  # None only for an assistant turn
-    name: str | None = None
-
-
-class ChatCompletionRequest(_Common):
-    """POST /v1/chat/completions: messages rendered with the model's chat template."""
-
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    add_generation_prompt: bool | None = None
-    logprobs: bool | None = None
-    top_logprobs: TopN | None = None
-
+from disagg.services.gateway.openai.models import ChatCompletionRequest, CompletionRequest
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",

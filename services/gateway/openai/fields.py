@@ -1,5 +1,6 @@
-"""Typed, range-checked reads of JSON request fields, with OpenAI's error wording, and the
-table of parameters accepted only at their neutral value."""
+"""OpenAI's wording of a bad field (``type_error``, ``value_error``, ``missing``, ``unsupported``),
+a pydantic ``ValidationError`` in that wording (``from_validation_error``), and the table of
+parameters accepted only at their neutral value."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import math
 from collections.abc import Callable
 from typing import Any
+
+from pydantic import ValidationError
 
 from disagg.services.gateway.openai.errors import APIError, invalid_request
 
@@ -49,54 +52,6 @@ def unsupported(param: str, why: str = "is not supported by this server") -> API
     return invalid_request(f"Unsupported parameter: '{param}' {why}.", param, "unsupported")
 
 
-class Fields:
-    """Typed, range-checked reads of one JSON object; null counts as absent."""
-
-    def __init__(self, body: Any, prefix: str = "", name: str = "body") -> None:
-        if not isinstance(body, dict):
-            if not prefix:
-                raise invalid_request("The request body must be a JSON object.", None)
-            raise type_error(name, "an object", body)
-        self.body, self.prefix = body, prefix
-
-    def get(self, name: str) -> Any:
-        return self.body.get(name)
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.body.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise type_error(self.prefix + name, "a boolean", value)
-        return value
-
-    def integer(self, name: str, lo: int, hi: int | None = None) -> int | None:
-        value = self.body.get(name)
-        if value is None:
-            return None
-        if not is_int(value):
-            raise type_error(self.prefix + name, "an integer", value)
-        if value < lo or (hi is not None and value > hi):
-            bounds = f"an integer >= {lo}" + ("" if hi is None else f" and <= {hi}")
-            raise value_error(self.prefix + name, bounds, value)
-        return value
-
-    def number(self, name: str, lo: float, hi: float, *, open_lo: bool = False) -> float | None:
-        value = self.body.get(name)
-        if value is None:
-            return None
-        if not is_number(value):
-            raise type_error(self.prefix + name, "a decimal", value)
-        if value > hi or value < lo or (open_lo and value == lo):
-            bounds = f"a value {'>' if open_lo else '>='} {lo} and <= {hi}"
-            raise value_error(self.prefix + name, bounds, value)
-        return float(value)
-
-
-def is_zero(value: Any) -> bool:
-    return is_number(value) and value == 0
-
-
 def is_off(value: Any) -> bool:
     return value is None or value is False
 
@@ -129,7 +84,62 @@ CHAT_NEUTRAL = NEUTRAL | {
 }
 
 
-def check_unsupported(fields: Fields, neutral: dict[str, Callable[[Any], bool]]) -> None:
-    for name, is_neutral in neutral.items():
-        if name in fields.body and not is_neutral(fields.body[name]):
-            raise unsupported(name)
+TYPE_NAMES = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",
+    "string_type": "a string", "list_type": "an array", "dict_type": "an object",
+    "model_type": "an object", "model_attributes_type": "an object",
+}  # fmt: skip
+
+
+def from_validation_error(err: ValidationError, body: Any) -> APIError:
+    """The first (deepest) error of ``err`` as OpenAI's 400 body; ``param`` is the path of the
+    offending value in ``body``, e.g. ``messages[0].content[1].text`` or ``logit_bias.17``."""
+    found = [(_path(e["loc"], body, e["type"] == "missing"), e) for e in err.errors()]
+    path, first = max(found, key=lambda pe: len(pe[0]))  # the first of the deepest
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    kind, ctx, value = first["type"], first.get("ctx") or {}, first.get("input")
+    if kind == "missing":
+        return missing(param)
+    if kind == "unsupported":
+        return unsupported(param)
+    if kind in TYPE_NAMES or kind.endswith("_type"):
+        return type_error(param, TYPE_NAMES.get(kind, "a valid value"), value)
+    return value_error(param, _expected(kind, ctx, first["msg"]), value)
+
+
+def _path(loc: tuple, body: Any, missing: bool) -> list[str | int]:
+    """``loc`` without the names pydantic gives union members ("str", "list[int]"): only the
+    steps that exist in the body (and, last, the name of a missing field)."""
+    path, here = [], body
+    for i, step in enumerate(loc):
+        if _has(here, step):
+            path.append(step)
+            here = here[step]
+        elif missing and i == len(loc) - 1:
+            path.append(step)
+    return path
+
+
+def _has(value: Any, step: str | int) -> bool:
+    if isinstance(value, list):
+        return isinstance(step, int) and 0 <= step < len(value)
+    return isinstance(value, dict) and isinstance(step, str) and step in value
+
+
+def _expected(kind: str, ctx: dict, fallback: str) -> str:
+    bounds = {
+        "greater_than_equal": ("ge", ">="), "less_than_equal": ("le", "<="),
+        "greater_than": ("gt", ">"), "less_than": ("lt", "<"),
+    }  # fmt: skip
+    if kind in bounds:
+        key, op = bounds[kind]
+        return f"a value {op} {ctx[key]}"
+    if kind == "too_short":
+        return f"at least {ctx['min_length']} item(s)"
+    if kind == "too_long":
+        return f"at most {ctx['max_length']} items"
+    if kind == "literal_error":
+        return f"one of {ctx['expected']}"
+    if kind == "finite_number":
+        return "a finite number"
+    return fallback.rstrip(".").lower()

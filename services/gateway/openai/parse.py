@@ -1,10 +1,9 @@
 """Validation of /v1/completions and /v1/chat/completions bodies into ``GenerationRequest``s.
 
-What is served: one prompt, one choice (n=1) per request, with vLLM's sampling parameters
-(temperature, top-p, top-k, min-p, seed, penalties, logit_bias, allowed_token_ids, bad_words,
-min_tokens). Parameters that would change the output and are not implemented (logprobs, tools,
-response_format, ...) are refused with a 400 unless they hold their neutral value, rather than
-silently ignored. Unknown fields are ignored, as vLLM does.
+Every field's type and bounds are checked by the pydantic models (``models``); this module adds
+what depends on the served model and the gateway's flags (the model name, the context length,
+token ids inside the vocabulary, the number of stop strings and choices), tokenizes or renders
+the chat template, and builds one ``GenerationRequest`` per choice.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,19 +19,15 @@ from disagg.services.gateway.openai.errors import (
     invalid_request,
     model_not_found,
 )
-from disagg.services.gateway.openai.fields import (
-    CHAT_NEUTRAL,
-    COMPLETION_NEUTRAL,
-    Fields,
-    check_unsupported,
-    missing,
-    type_error,
-    unsupported,
-    value_error,
+from disagg.services.gateway.openai.fields import missing, unsupported, value_error
+from disagg.services.gateway.openai.models import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    validate,
 )
 from disagg.services.gateway.openai.request import (
     COMPLETION_DEFAULT_MAX_TOKENS,
-    ROLES,
     GenerationRequest,
     Kind,
     ParseContext,
@@ -44,7 +38,7 @@ from disagg.services.gateway.openai.sampling import (
     sampling_fields,
     token_ids,
 )
-from disagg.shared.protocol.sampling import MAX_LOGPROBS, SamplingParams
+from disagg.shared.protocol.sampling import SamplingParams
 from disagg.shared.tokenizer import ChatTemplateError
 
 
@@ -69,21 +63,19 @@ def parse_completion(
     body: Any, ctx: ParseContext, *, request_id: str | None = None, created: int | None = None
 ) -> GenerationRequest:
     """Validate a /v1/completions body. Raises `APIError` (400, or 404 for the model)."""
-    fields = Fields(body)
-    common = _parse_common(fields, ctx, COMPLETION_NEUTRAL)
-    echo = fields.boolean("echo", False)
-    logprobs = fields.integer("logprobs", 0, MAX_LOGPROBS)
-    common.sampling["logprobs"] = logprobs
-    if echo and logprobs is not None:  # the echoed prompt's tokens get logprobs too
-        common.sampling["prompt_logprobs"] = max(logprobs, common.prompt_logprobs or 0)
-    requested = fields.integer("max_tokens", 1)
+    req = validate(CompletionRequest, body)
+    common = _parse_common(req, ctx)
+    common.sampling["logprobs"] = req.logprobs
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+        common.sampling["prompt_logprobs"] = max(req.logprobs, common.prompt_logprobs or 0)
     choices = []
-    for prompt_ids, prompt_text in _completion_prompts(fields.get("prompt"), ctx):
+    for prompt_ids, prompt_text in _completion_prompts(req.prompt, ctx):
         max_tokens = _max_tokens(
-            requested, len(prompt_ids), ctx, "completion", default=COMPLETION_DEFAULT_MAX_TOKENS
-        )
+            req.max_tokens, len(prompt_ids), ctx, "completion",
+            default=COMPLETION_DEFAULT_MAX_TOKENS,
+        )  # fmt: skip
         request = _request("completion", common, prompt_ids, max_tokens, request_id, created)
-        request.echo_prompt_text = prompt_text if echo else None
+        request.echo_prompt_text = prompt_text if req.echo else None
         choices.append(request)
     return with_choices(choices, common.n, ctx)
 
@@ -92,77 +84,66 @@ def parse_chat(
     body: Any, ctx: ParseContext, *, request_id: str | None = None, created: int | None = None
 ) -> GenerationRequest:
     """Validate a /v1/chat/completions body and apply the chat template. Raises `APIError`."""
-    fields = Fields(body)
-    common = _parse_common(fields, ctx, CHAT_NEUTRAL)
+    req = validate(ChatCompletionRequest, body)
+    common = _parse_common(req, ctx)
     # max_completion_tokens replaced max_tokens in OpenAI's API; it wins when both are given.
-    legacy = fields.integer("max_tokens", 1)
-    requested = fields.integer("max_completion_tokens", 1) or legacy
-    common.sampling["logprobs"] = chat_logprobs(fields)
-    add_generation_prompt = fields.boolean("add_generation_prompt", True)
-    prompt_ids = render_messages(fields.get("messages"), ctx, add_generation_prompt)
+    requested = req.max_completion_tokens or req.max_tokens
+    common.sampling["logprobs"] = chat_logprobs(req)
+    prompt_ids = render_messages(req.messages, ctx, req.add_generation_prompt is not False)
     max_tokens = _max_tokens(requested, len(prompt_ids), ctx, "chat")
     request = _request("chat", common, prompt_ids, max_tokens, request_id, created)
     return with_choices([request], common.n, ctx)
 
 
-def _parse_common(
-    fields: Fields, ctx: ParseContext, neutral: dict[str, Callable[[Any], bool]]
-) -> _Common:
-    model = check_model(fields.get("model"), ctx)
-    check_unsupported(fields, neutral)
-    n = fields.integer("n", 1, ctx.max_choices) or 1
-    best_of = fields.integer("best_of", 1)
-    if best_of is not None and best_of != n:
+def _parse_common(req: CompletionRequest | ChatCompletionRequest, ctx: ParseContext) -> _Common:
+    model = check_model(req.model, ctx)
+    n = req.n or 1
+    if n > ctx.max_choices:
+        raise value_error("n", f"at most {ctx.max_choices}", n)
+    if req.best_of is not None and req.best_of != n:
         raise unsupported("best_of", "must equal n: every sequence generated is returned")
-    stream, include_usage, continuous_usage = _stream(fields)
-    prompt_logprobs = fields.integer("prompt_logprobs", 0, MAX_LOGPROBS)  # vLLM's
+    stream, include_usage, continuous_usage = _stream(req)
     return _Common(
         model=model,
-        sampling=sampling_fields(fields, ctx)
-        | processor_fields(fields, ctx)
-        | {"prompt_logprobs": prompt_logprobs},
-        prompt_logprobs=prompt_logprobs,
-        stop=_stop(fields.get("stop"), ctx),
+        sampling=sampling_fields(req, ctx)
+        | processor_fields(req, ctx)
+        | {"prompt_logprobs": req.prompt_logprobs},
+        prompt_logprobs=req.prompt_logprobs,
+        stop=_stop(req.stop, ctx),
         stream=stream,
         include_usage=include_usage,
         continuous_usage=continuous_usage,
-        return_token_ids=fields.boolean("return_token_ids", False),
+        return_token_ids=bool(req.return_token_ids),
         n=n,
-        include_stop_str=fields.boolean("include_stop_str_in_output", False),
-        skip_special_tokens=fields.boolean("skip_special_tokens", True),
+        include_stop_str=bool(req.include_stop_str_in_output),
+        skip_special_tokens=req.skip_special_tokens is not False,
     )
 
 
-def check_model(value: Any, ctx: ParseContext) -> str:
+def check_model(value: str | None, ctx: ParseContext) -> str:
     """The served model a request names (the first one when it names none); 404 otherwise."""
     if value is None:  # vLLM serves its first model name when none is given
         return ctx.served_models[0]
-    if not isinstance(value, str):
-        raise type_error("model", "a string", value)
     if value not in ctx.served_models:
         raise model_not_found(value)
     return value
 
 
-def _stream(fields: Fields) -> tuple[bool, bool, bool]:
+def _stream(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool, bool]:
     """(stream, include_usage, continuous_usage_stats)."""
-    stream = fields.boolean("stream", False)
-    if fields.get("stream_options") is None:
-        return stream, False, False
-    if not stream:
+    if req.stream_options is None:
+        return bool(req.stream), False, False
+    if not req.stream:
         message = "The 'stream_options' parameter is only allowed when 'stream' is enabled."
         raise invalid_request(message, "stream_options", "invalid_value")
-    options = Fields(fields.get("stream_options"), "stream_options.", "stream_options")
-    continuous = options.boolean("continuous_usage_stats", False)
-    return True, options.boolean("include_usage", False), continuous
+    options = req.stream_options
+    return True, bool(options.include_usage), bool(options.continuous_usage_stats)
 
 
-def _stop(value: Any, ctx: ParseContext) -> list[str]:
+def _stop(value: str | list[str] | None, ctx: ParseContext) -> list[str]:
     if value is None:
         return []
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise type_error("stop", "a string or an array of strings", value)
     if len(stops) > ctx.max_stop_strings:
         expected = f"at most {ctx.max_stop_strings} stop sequences"
         raise value_error("stop", expected, f"{len(stops)} sequences")
@@ -173,11 +154,9 @@ def _stop(value: Any, ctx: ParseContext) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def _completion_prompts(value: Any, ctx: ParseContext) -> list[tuple[list[int], str]]:
+def _completion_prompts(value: str | list, ctx: ParseContext) -> list[tuple[list[int], str]]:
     """(prompt ids, prompt text) of each prompt: a string, token ids, or an array of either."""
-    if value is None:
-        raise missing("prompt")
-    if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+    if isinstance(value, list) and value and not isinstance(value[0], int):  # several
         if len(value) > ctx.max_choices:
             expected = f"at most {ctx.max_choices} prompts"
             raise value_error("prompt", expected, f"{len(value)} prompts")
@@ -185,12 +164,9 @@ def _completion_prompts(value: Any, ctx: ParseContext) -> list[tuple[list[int], 
     return [_completion_prompt(value, ctx)]
 
 
-def _completion_prompt(value: Any, ctx: ParseContext) -> tuple[list[int], str]:
+def _completion_prompt(value: str | list[int], ctx: ParseContext) -> tuple[list[int], str]:
     if isinstance(value, str):
         return _text_prompt(value, ctx), value
-    expected = "a string, an array of strings or an array of token ids"
-    if not isinstance(value, list):
-        raise type_error("prompt", expected, value)
     if not value:
         raise invalid_request("The prompt must not be empty.", "prompt", "empty_prompt")
     ids = token_ids(value, "prompt", ctx)
@@ -207,64 +183,28 @@ def _text_prompt(text: str, ctx: ParseContext) -> list[int]:
     return ids
 
 
-def render_messages(value: Any, ctx: ParseContext, add_generation_prompt: bool) -> list[int]:
-    """A validated `messages` array through the chat template, as token ids."""
-    return _render_chat(_messages(value, ctx), ctx, add_generation_prompt)
+def render_messages(
+    messages: list[ChatMessage], ctx: ParseContext, add_generation_prompt: bool
+) -> list[int]:
+    """Validated chat messages through the chat template, as token ids."""
+    return _render_chat(_messages(messages, ctx), ctx, add_generation_prompt)
 
 
-def _messages(value: Any, ctx: ParseContext) -> list[dict[str, str]]:
-    if value is None:
-        raise missing("messages")
-    if not isinstance(value, list):
-        raise type_error("messages", "an array", value)
-    if not value:
-        raise invalid_request("'messages' must contain at least one message.", "messages")
-    messages = [_message(m, f"messages[{i}]") for i, m in enumerate(value)]
-    chars = sum(len(m["content"]) for m in messages)
+def _messages(messages: list[ChatMessage], ctx: ParseContext) -> list[dict[str, str]]:
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if content is None and message.role != "assistant":  # an assistant turn may have none
+            raise missing(f"messages[{i}].content")
+        if isinstance(content, list):  # vLLM's "string" content format: parts joined by newlines
+            content = "\n".join(part.text for part in content)
+        entry = {"role": message.role, "content": content or ""}
+        out.append(entry if message.name is None else entry | {"name": message.name})
+    chars = sum(len(m["content"]) for m in out)
     if chars > ctx.max_prompt_chars:
         expected = f"messages of at most {ctx.max_prompt_chars} characters in all"
         raise value_error("messages", expected, f"{chars} characters")
-    return messages
-
-
-def _message(value: Any, where: str) -> dict[str, str]:
-    fields = Fields(value, where + ".", where)
-    role = fields.get("role")
-    if role is None:
-        raise missing(where + ".role")
-    if not isinstance(role, str):
-        raise type_error(where + ".role", "a string", role)
-    if role not in ROLES:
-        raise value_error(where + ".role", f"one of {', '.join(ROLES)}", repr(role))
-    message = {"role": role, "content": _content(fields.get("content"), role, where + ".content")}
-    name = fields.get("name")
-    if name is not None and not isinstance(name, str):
-        raise type_error(where + ".name", "a string", name)
-    return message if name is None else message | {"name": name}
-
-
-def _content(value: Any, role: str, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None:
-        if role == "assistant":  # an assistant turn may have no content
-            return ""
-        raise missing(where)
-    if not isinstance(value, list):
-        raise type_error(where, "a string or an array of content parts", value)
-    # vLLM's "string" content format: text parts joined by newlines.
-    return "\n".join(_text_part(part, f"{where}[{i}]") for i, part in enumerate(value))
-
-
-def _text_part(value: Any, where: str) -> str:
-    fields = Fields(value, where + ".", where)
-    if fields.get("type") != "text":
-        message = f"Unsupported content part type {fields.get('type')!r} in '{where}': "
-        raise invalid_request(message + "only 'text' parts are supported.", where + ".type")
-    text = fields.get("text")
-    if not isinstance(text, str):
-        raise type_error(where + ".text", "a string", text)
-    return text
+    return out
 
 
 def _render_chat(

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from disagg.services.gateway.openai.errors import invalid_request
-from disagg.services.gateway.openai.fields import Fields, missing, type_error
+from disagg.services.gateway.openai.fields import missing
+from disagg.services.gateway.openai.models import DetokenizeRequest, TokenizeRequest, validate
 from disagg.services.gateway.openai.parse import check_model, render_messages
 from disagg.services.gateway.openai.request import ParseContext
 from disagg.services.gateway.openai.sampling import token_ids
@@ -14,32 +15,23 @@ from disagg.services.gateway.openai.sampling import token_ids
 
 def tokenize(body: Any, ctx: ParseContext) -> dict[str, Any]:
     """{"prompt": str} or {"messages": [...]} -> {"count", "max_model_len", "tokens"}."""
-    fields = Fields(body)
-    check_model(fields.get("model"), ctx)
-    if fields.get("messages") is not None:
-        add_generation_prompt = fields.boolean("add_generation_prompt", True)
-        ids = render_messages(fields.get("messages"), ctx, add_generation_prompt)
+    req = validate(TokenizeRequest, body)
+    check_model(req.model, ctx)
+    if req.messages is not None:
+        ids = render_messages(req.messages, ctx, req.add_generation_prompt is not False)
+    elif req.prompt is None:
+        raise missing("prompt")
     else:
-        prompt = fields.get("prompt")
-        if prompt is None:
-            raise missing("prompt")
-        if not isinstance(prompt, str):
-            raise type_error("prompt", "a string", prompt)
-        special = fields.boolean("add_special_tokens", True)
-        ids = ctx.tokenizer.encode(prompt, add_special_tokens=special) if prompt else []
+        special = req.add_special_tokens is not False
+        ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=special) if req.prompt else []
     return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
             "token_strs": None}  # fmt: skip
 
 
 def detokenize(body: Any, ctx: ParseContext) -> dict[str, Any]:
     """{"tokens": [ids]} -> {"prompt": text}."""
-    fields = Fields(body)
-    check_model(fields.get("model"), ctx)
-    tokens = fields.get("tokens")
-    if tokens is None:
-        raise missing("tokens")
-    if not isinstance(tokens, list):
-        raise type_error("tokens", "an array of integers", tokens)
-    if len(tokens) > ctx.max_model_len:
+    req = validate(DetokenizeRequest, body)
+    check_model(req.model, ctx)
+    if len(req.tokens) > ctx.max_model_len:
         raise invalid_request(f"At most {ctx.max_model_len} tokens.", "tokens", "invalid_value")
-    return {"prompt": ctx.tokenizer.decode(token_ids(tokens, "tokens", ctx))}
+    return {"prompt": ctx.tokenizer.decode(token_ids(req.tokens, "tokens", ctx))}
