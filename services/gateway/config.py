@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from disagg.shared.config import group, option
+from disagg.shared.protocol.messages import MAX_FORKS
 from disagg.shared.protocol.types import Role, check_id
 from disagg.shared.service import ServiceConfig
 
@@ -49,6 +50,9 @@ class GatewayConfig:
     max_concurrent_requests: int = option(256, help="requests in flight; beyond, 429")
     max_body_bytes: int = option(4 << 20, help="largest request body; beyond, 413")
     max_stop_strings: int = option(32, help="stop strings one request may give (OpenAI: 4)")
+    max_choices: int = option(
+        16, help=f"choices one request may ask for (prompts x n), at most {MAX_FORKS + 1}"
+    )
     timeouts: Timeouts = group(Timeouts)
     migration_limit: int = option(3, help="moves of one request to new workers")
     drain_timeout_s: float = option(30.0, help="SIGTERM: finish requests within")
@@ -66,6 +70,8 @@ class GatewayConfig:
                      "max_stop_strings"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if not 1 <= self.max_choices <= MAX_FORKS + 1:
+            raise ValueError(f"--max-choices must be in [1, {MAX_FORKS + 1}]")
         if self.migration_limit < 0:
             raise ValueError(f"--migration-limit must be >= 0, got {self.migration_limit}")
         self.expected_workers()  # raises on a bad spec

@@ -38,6 +38,7 @@ def build_context(cfg: GatewayConfig) -> tuple[ParseContext, frozenset[int]]:
         max_model_len=max_len,
         vocab_size=min(tokenizer.vocab_size, model_args.vocab_size),
         max_stop_strings=cfg.max_stop_strings,
+        max_choices=cfg.max_choices,
     )
     return ctx, frozenset(model_args.eos_token_ids)
 

@@ -32,7 +32,6 @@ TokenId = Annotated[int, Field(ge=0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 AtLeastOne = Annotated[int, Field(ge=1)]
-MAX_CHOICES = 16  # the default of --max-choices; the flag's own bound is checked in parse
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -70,7 +69,7 @@ class _Common(_Body):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    n: AtLeastOne | None = None  # at most --max-choices (with the prompts): checked in parse
     best_of: AtLeastOne | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
