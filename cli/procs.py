@@ -120,10 +120,11 @@ class NatsServer:
         *,
         config: Path | None = None,
         scheme: str = "nats",
+        name: str = "nats-server",
     ) -> None:
         self.host, self.port = host, port or free_port(host)
         self.args = list(args) + (["-c", str(config)] if config is not None else [])
-        self.scheme = scheme
+        self.scheme, self.name = scheme, name
         self.child: Child | None = None
 
     @property
@@ -133,7 +134,7 @@ class NatsServer:
     def start(self, timeout: float = 15.0) -> NatsServer:
         """Start (or restart, after stop/kill) on the same port."""
         argv = [nats_server_binary(), "-a", self.host, "-p", str(self.port), *self.args]
-        self.child = Child("nats-server", argv)
+        self.child = Child(self.name, argv)
         wait_for_port(self.host, self.port, timeout)
         return self
 
@@ -145,3 +146,18 @@ class NatsServer:
         if self.child is not None:
             self.child.signal(signal.SIGKILL)
             self.child.proc.wait(10)
+
+
+def nats_cluster(
+    size: int, host: str, port: int, *, config: Path | None = None
+) -> list[NatsServer]:
+    """``size`` nats-servers clustered over routes on ``host``: clients on ``port``,
+    ``port + 1``, ...; routes on ``port + 100 + i``, each node routing to all the others."""
+    routes = [f"nats://{host}:{port + 100 + i}" for i in range(size)]
+    servers = []
+    for i in range(size):
+        others = ",".join(r for j, r in enumerate(routes) if j != i)
+        args = ["--name", f"nats-{i}", "--cluster_name", "disagg", "--cluster", routes[i]]
+        args += ["--routes", others]
+        servers.append(NatsServer(host, port + i, args, config=config, name=f"nats-{i}"))
+    return servers

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
+from disagg.cli.procs import Child, NatsServer, disagg_command, free_port, nats_cluster
 from disagg.cli.supervisor import RestartPolicy, Supervisor
 from disagg.cli.tiny import TinySpec, write_tiny_checkpoint
 from disagg.services.workers.config import parse_cpus
@@ -48,7 +48,10 @@ class UpConfig:
     model: Path | None = option(None, help="model folder (default: a tiny built-in one)")
     host: str = option("127.0.0.1", help="interface the gateway binds")
     port: int = option(8000, help="port of the gateway (0: a free one)")
-    nats_port: int = option(4222, help="port of the embedded nats-server")
+    nats_port: int = option(4222, help="port of the embedded nats-server (the first one's)")
+    nats_cluster: int = option(
+        1, help="embedded nats-servers, clustered over loopback routes (ports --nats-port + i)"
+    )
     nats: str | None = option(None, help="use this NATS server instead of starting one")
     auth: NatsAuth = group(NatsAuth, "nats-")
     api_key: str | None = option(None, help="gateway Bearer key(s)", secret=True)
@@ -72,6 +75,8 @@ class UpConfig:
             raise ValueError("disagg mode needs --prefill >= 1")
         if self.cpus is not None:
             parse_cpus(self.cpus)
+        if not 1 <= self.nats_cluster <= 9:
+            raise ValueError("--nats-cluster must be in [1, 9]")
 
 
 def default_model() -> Path:
@@ -101,19 +106,24 @@ class Stack:
     def __init__(self, args: UpConfig, model: Path) -> None:
         self.args, self.model = args, model
         self.private = tempfile.TemporaryDirectory(prefix="disagg-up-")  # 0700: secrets inside
-        self.nats: NatsServer | None = None
+        self.nats: list[NatsServer] = []  # embedded ones
         if args.nats is None:
             config = _nats_auth_config(args, Path(self.private.name))
-            self.nats = NatsServer(port=args.nats_port, config=config)
-        self.nats_url = args.nats or self.nats.url
+            if args.nats_cluster == 1:
+                self.nats = [NatsServer(port=args.nats_port, config=config)]
+            else:
+                self.nats = nats_cluster(
+                    args.nats_cluster, "127.0.0.1", args.nats_port, config=config
+                )
+        self.nats_url = args.nats or ",".join(n.url for n in self.nats)
         self.env = os.environ | child_secrets(args)
         self.children: list[Child] = []
         self._argv: dict[str, list[str]] = {}  # how each child was started
         self._down: set[str] = set()  # exited, restart pending (or given up)
 
     def start(self) -> None:
-        if self.nats is not None:
-            self.nats.start()
+        for server in self.nats:
+            server.start()
         common = ["--nats", self.nats_url, "--log-level", self.args.log_level]
         self._spawn("scheduler", ["scheduler", *common])
         cpus = _cpu_list(self.args.cpus)
@@ -149,8 +159,7 @@ class Stack:
 
     def supervise(self, sup: Supervisor, now: float) -> None:
         """Report new exits to `sup` and restart the children it says are due."""
-        nats = [self.nats.child] if self.nats is not None and self.nats.child else []
-        for child in [*nats, *self.children]:
+        for child in [*self.nats_children, *self.children]:
             if child.alive() or child.name in self._down:
                 continue
             code = child.proc.returncode
@@ -168,9 +177,8 @@ class Stack:
                 log.warning("child_exited", name=child.name, code=code, restart_in_s=when - now)
         for name in sup.due(now):
             self._down.discard(name)
-            if name == "nats-server":
-                self.nats.start()
-                pid = self.nats.child.pid
+            if (server := self._nats_named(name)) is not None:
+                pid = server.start().child.pid
             else:
                 self.children = [c for c in self.children if c.name != name]
                 pid = self._spawn(name, self._argv[name]).pid
@@ -189,11 +197,18 @@ class Stack:
             return child
         return None
 
+    @property
+    def nats_children(self) -> list[Child]:
+        return [server.child for server in self.nats if server.child is not None]
+
+    def _nats_named(self, name: str) -> NatsServer | None:
+        return next((server for server in self.nats if server.name == name), None)
+
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
-        if self.nats is not None:
-            self.nats.stop()
+        for server in self.nats:
+            server.stop()
         self.private.cleanup()
 
 
@@ -275,13 +290,12 @@ def _serve(args: UpConfig, stack: Stack, model: Path, stop: threading.Event) -> 
     stack.start()
     base = f"http://{args.host}:{args.port}"
     wait_ready(base, stack, args.ready_timeout_s)
-    embedded = [stack.nats.child] if stack.nats is not None else []
-    roles = ", ".join(f"{c.name} (pid {c.pid})" for c in [*embedded, *stack.children])
-    nats = redact_url(stack.nats_url)
+    roles = ", ".join(f"{c.name} (pid {c.pid})" for c in [*stack.nats_children, *stack.children])
+    nats = ",".join(redact_url(url) for url in stack.nats_url.split(","))
     print(f"disagg is serving {model} at {base}/v1 ({args.mode} mode; NATS {nats})")
     print(f"processes: {roles}", flush=True)
     sup, now = Supervisor(args.restart), time.monotonic()
-    for name in ["nats-server"] * (stack.nats is not None) + [c.name for c in stack.children]:
+    for name in [c.name for c in [*stack.nats_children, *stack.children]]:
         sup.started(name, now)
     while not stop.is_set():
         stack.supervise(sup, time.monotonic())

@@ -128,3 +128,28 @@ def test_disagg_up_sigkilled_leaves_no_child_and_starts_again_on_its_ports(up, c
         assert healthy(again)
     finally:
         again.stop()
+
+
+def test_one_of_three_nats_nodes_killed_under_load_loses_nothing(checkpoints):
+    stack = Up(model(checkpoints), "--prefill", "1", "--decode", "2", "--nats-cluster", "3",
+               "--restart-initial-s", "0.5")  # fmt: skip
+    try:
+        assert {"nats-0", "nats-1", "nats-2"} <= set(stack.pids)
+        ps = prompts(4, 8, 31)
+        reference = Streams(stack.base_url, ps, TOKENS).results()
+        nodes = ["nats-0", "nats-1", "nats-2"]
+        for node in nodes:  # in turn: every service is on one of them, so each loses its node
+            streams = Streams(stack.base_url, ps, TOKENS)
+            streams.wait_started(5)
+            os.kill(stack.pids[node], signal.SIGKILL)
+            assert streams.results() == reference, node  # all complete, as if unbroken
+            wait_until(lambda n=node: events(stack, "child_restarted", name=n),
+                       what=f"{node} back")  # fmt: skip
+        exited = [e["name"] for e in events(stack, "child_exited")]
+        assert exited == nodes  # no service exited: each moved to another node
+        assert len(events(stack, "nats_disconnected")) >= 5  # all five services were cut off
+        again = Streams(stack.base_url, ps[:1], 8).results()
+        assert again == [reference[0][:8]]
+        assert_decode_pools_full(stack)
+    finally:
+        stack.stop()
