@@ -25,6 +25,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 SERVICES = {"nats", "model", "scheduler", "gateway", "prefill", "decode"}
+CLUSTER = ["nats-a", "nats-b", "nats-c"]  # the nats-cluster profile
 DISAGG_SERVICES = sorted(SERVICES - {"nats"})
 LONG_RUNNING = sorted(SERVICES - {"nats", "model"})
 WORKERS = ["prefill", "decode"]
@@ -97,8 +98,15 @@ def _env_flag(var: str) -> str:
 # --- compose.yaml -------------------------------------------------------------------------------
 
 
+def default_url(env_value: str) -> str:
+    """`${DISAGG_NATS:-url}` -> url (what compose substitutes when the variable is unset)."""
+    found = re.fullmatch(r"\$\{DISAGG_NATS:-([^}]+)\}", env_value)
+    assert found, f"DISAGG_NATS must default through ${{DISAGG_NATS:-...}}: {env_value}"
+    return found.group(1)
+
+
 def test_service_set(services: dict) -> None:
-    assert set(services) == SERVICES
+    assert set(services) == SERVICES | set(CLUSTER)
 
 
 def test_disagg_services_share_one_image_and_build(services: dict) -> None:
@@ -204,10 +212,26 @@ def test_model_init_writes_the_model_every_service_reads(services: dict) -> None
 
 
 def test_nats_url_is_consistent_and_points_at_the_nats_service(services: dict) -> None:
-    urls = {_env(services[n])["DISAGG_NATS"] for n in LONG_RUNNING}
+    urls = {default_url(_env(services[n])["DISAGG_NATS"]) for n in LONG_RUNNING}
     assert len(urls) == 1
     url = urlparse(urls.pop())
     assert (url.scheme, url.hostname, url.port) == ("nats", "nats", 4222)
+
+
+def test_nats_cluster_profile_routes_three_named_jetstream_nodes(services: dict) -> None:
+    routes = {f"nats://{name}:6222" for name in CLUSTER}
+    for name in CLUSTER:
+        node = services[name]
+        assert node["profiles"] == ["nats-cluster"] and node["image"] == services["nats"]["image"]
+        command = _as_list(node["command"])
+        flags = dict(zip(command, command[1:], strict=False))
+        assert "-js" in command and flags["--name"] == name and flags["--cluster_name"] == "disagg"
+        assert urlparse(flags["--cluster"]).port == 6222
+        assert set(flags["--routes"].split(",")) == routes  # its own route is ignored
+        assert "localhost:8222/healthz" in " ".join(_as_list(node["healthcheck"]["test"]))
+    header = COMPOSE.read_text().split("services:")[0]
+    advertised = re.search(r"DISAGG_NATS=(\S+)", header).group(1)
+    assert {urlparse(u).hostname for u in advertised.split(",")} == set(CLUSTER)
 
 
 def test_docker_compose_config_accepts_the_file() -> None:
