@@ -23,6 +23,7 @@ WAIT_S = 60.0  # bound on any single wait (death detection is ~3 s)
 GATEWAY_FLAGS = (
     "--max-concurrent-requests", "6", "--first-token-timeout-s", "60",
     "--inter-token-timeout-s", "20", "--resync-timeout-s", "3", "--drain-timeout-s", "60",
+    "--nats-probe-s", "0.5",
 )  # fmt: skip
 
 

@@ -362,6 +362,31 @@ def test_nats_abort_frees_blocks(cluster):
     assert_decode_pools_full(cluster)
 
 
+async def vanish_mid_stream(cluster: Cluster) -> dict:
+    """A streamed NATS request whose client closes its connection after the first chunk, with
+    no abort; returns that chunk."""
+    nc = await nats.connect(cluster.nats.url)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    body = {"model": cluster.model.name, "prompt": prompts(1, 8, 4)[0], "max_tokens": LONG,
+            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+    await nc.publish("disagg.v1.completions", json.dumps(body).encode(), reply=inbox)
+    first = json.loads((await sub.next_msg(timeout=WAIT_S)).data)
+    await nc.close()
+    return first
+
+
+def test_a_nats_client_gone_without_an_abort_is_found_by_a_probe_and_aborted(cluster):
+    before, gone = aborts_found(cluster), len(cluster.events("gateway", "nats_client_gone"))
+    first = asyncio.run(asyncio.wait_for(vanish_mid_stream(cluster), WAIT_S))
+    assert first["choices"]
+    wait_until(lambda: len(cluster.events("gateway", "nats_client_gone")) > gone,
+               what="the probe finding nobody")  # fmt: skip
+    # found=True: the stream was still running on decode (900 tokens), not left to finish.
+    wait_until(lambda: aborts_found(cluster) > before, what="the abort on the decode worker")
+    assert_decode_pools_full(cluster)
+
+
 async def malformed_requests(url: str) -> list[dict]:
     """Garbage to every internal request subject and to the public API; the replies."""
     nc = await nats.connect(url)

@@ -412,7 +412,8 @@ async def nats_api(url: str, subject: str, body: dict, timeout: float = 60) -> l
             data = json.loads(msg.data)
             if data.get("done"):
                 return out
-            out.append(data)
+            if not data.get("keepalive"):  # the gateway's probe of a long stream: skipped
+                out.append(data)
     finally:
         await nc.close()
 

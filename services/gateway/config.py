@@ -55,6 +55,9 @@ class GatewayConfig:
     )
     timeouts: Timeouts = group(Timeouts)
     migration_limit: int = option(3, help="moves of one request to new workers")
+    nats_probe_s: float = option(
+        5.0, help="probe a streamed NATS API request's inbox this often; abort when none is left"
+    )
     drain_timeout_s: float = option(30.0, help="SIGTERM: finish requests within")
     api_key: tuple[str, ...] = option((), help="required Bearer key(s), comma separated",
                                       secret=True)  # fmt: skip
@@ -67,7 +70,7 @@ class GatewayConfig:
         if self.id is not None:
             check_id("--id", self.id)
         for name in ("max_concurrent_requests", "max_body_bytes", "drain_timeout_s",
-                     "max_stop_strings"):  # fmt: skip
+                     "max_stop_strings", "nats_probe_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if not 1 <= self.max_choices <= MAX_FORKS + 1:

@@ -8,6 +8,12 @@
   it, which frees its KV blocks on the workers, sends an error body with code "aborted" and
   `{"done": true}` to the inbox, and replies `{"aborted": true}` to the abort if it has an inbox.
   A gateway that does not hold the request stays silent (several gateways may share NATS).
+- A streamed request's inbox is probed every `--nats-probe-s` (5 s): `{"keepalive": true}` is
+  sent to it as a NATS request that nobody needs to answer (clients skip it, as SSE clients skip
+  comments). When no subscriber is left (NATS answers "no responders": the client closed its
+  connection or unsubscribed without an abort) the request is aborted and its KV freed, within
+  `--nats-probe-s` plus a second. A non-streamed request's single reply cannot be probed: it
+  runs to its end (bounded by `max_tokens` and the gateway's timeouts).
 
 Each request runs in a task of its own (one subscription's callback sees one message at a
 time), and admission (429, 503) happens before that task exists.
@@ -31,6 +37,8 @@ from disagg.shared.service import publish
 
 log = get_logger("disagg.gateway")
 DONE = b'{"done": true}'
+KEEPALIVE = b'{"keepalive": true}'
+PROBE_TIMEOUT_S = 1.0  # a client that is there does not answer: the probe times out
 
 
 def aborted() -> APIError:
@@ -51,8 +59,9 @@ def encode_json(body: Any) -> bytes:
 
 
 class NatsApi:
-    def __init__(self, nc: NATS, gateway, subjects: Subjects) -> None:
-        self.nc, self.gateway, self.subjects = nc, gateway, subjects
+    def __init__(self, nc: NATS, gateway, subjects: Subjects, probe_s: float = 5.0) -> None:
+        self.nc, self.gateway, self.subjects, self.probe_s = nc, gateway, subjects, probe_s
+        self._gone: set[str] = set()  # inboxes whose client vanished (found by a probe)
         self._tasks: asyncio.TaskGroup | None = None
         self._by_inbox: dict[str, asyncio.Task] = {}
         self._inbox_of: dict[str, str] = {}  # response id -> inbox
@@ -104,12 +113,30 @@ class NatsApi:
         task = self._tasks.create_task(self._run(inbox, req, slot))
         task.add_done_callback(lambda _: self._forget(inbox, req.request_id, slot))
         self._by_inbox[inbox], self._inbox_of[req.request_id] = task, inbox
+        if req.stream:
+            probe = self._tasks.create_task(self._probe(inbox, task))
+            task.add_done_callback(lambda _: probe.cancel())
 
     def _forget(self, inbox: str, request_id: str, slot) -> None:
         slot.release()  # also when the task was cancelled before it ever ran
         self._by_inbox.pop(inbox, None)
         self._inbox_of.pop(request_id, None)
         self._aborted.discard(inbox)
+        self._gone.discard(inbox)
+
+    async def _probe(self, inbox: str, task: asyncio.Task) -> None:
+        """Cancel ``task`` once nobody listens on ``inbox`` any more."""
+        while not task.done():
+            await asyncio.sleep(self.probe_s)
+            try:
+                await self.nc.request(inbox, KEEPALIVE, timeout=PROBE_TIMEOUT_S)
+            except nats.errors.NoRespondersError:
+                log.info("nats_client_gone", inbox=inbox)
+                self._gone.add(inbox)
+                task.cancel()
+                return
+            except (nats.errors.Error, TimeoutError):
+                continue  # there (it does not answer), or NATS is down: no verdict
 
     async def _run(self, inbox: str, req: GenerationRequest, slot) -> None:
         try:
@@ -122,6 +149,9 @@ class NatsApi:
         except APIError as err:
             await self._send(inbox, err.body(), done=req.stream)
         except asyncio.CancelledError:
+            if inbox in self._gone:  # nobody to tell; leaving aborted it on the workers
+                asyncio.current_task().uncancel()
+                return
             if inbox not in self._aborted:
                 raise  # shutdown: the group cancels us
             asyncio.current_task().uncancel()

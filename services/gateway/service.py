@@ -129,7 +129,7 @@ async def _serve(cfg: GatewayConfig, nc, gateway: Gateway, subjects, stop: async
         lifespan="off",
         timeout_graceful_shutdown=max(1, round(cfg.drain_timeout_s)),
     )
-    server, api = _Server(config), NatsApi(nc, gateway, subjects)
+    server, api = _Server(config), NatsApi(nc, gateway, subjects, cfg.nats_probe_s)
     backend_done, api_done = asyncio.Event(), asyncio.Event()
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(gateway.backend.run(backend_done))
