@@ -37,6 +37,10 @@ SERVICES: dict[str, tuple[str, str, str, dict[str, object]]] = {
         "disagg.services.scheduler.config:SchedulerConfig", "disagg.services.scheduler.service",
         {},
     ),
+    "planner": (
+        "desired prefill and decode worker counts from measured load and SLOs",
+        "disagg.services.planner.config:PlannerConfig", "disagg.services.planner.service", {},
+    ),
     "gateway": (
         "OpenAI-compatible HTTP API and NATS JSON API",
         "disagg.services.gateway.config:GatewayConfig", "disagg.services.gateway.service", {},

@@ -54,6 +54,9 @@ PURE = [
     ("disagg.services.scheduler.hold", ("torch", "zmq", "nats", "asyncio")),
     ("disagg.services.scheduler.rates", ("torch", "zmq", "nats", "asyncio")),
     ("disagg.services.gateway.migration", ("torch", "zmq", "nats")),
+    ("disagg.shared.rates", ("torch", "zmq", "nats", "asyncio")),
+    ("disagg.services.planner.core", ("torch", "zmq", "nats", "asyncio")),
+    ("disagg.cli.supervisor", ("torch", "zmq", "nats", "asyncio", "subprocess")),
 ]
 
 

@@ -117,6 +117,18 @@ class SchedulerStats(Message):
     prefill_decode_ratio: Seconds | None = None
 
 
+class PlannerDecision(Message):
+    """The planner's desired worker counts, published every tick on
+    ``Subjects.planner_decision``; ``action`` says what this tick changed ("hold": nothing)."""
+
+    planner_id: Id
+    prefill: Annotated[int, Meta(ge=1, le=4096)]
+    decode: Annotated[int, Meta(ge=1, le=4096)]
+    action: Annotated[str, Meta(pattern="^(hold|scale_up|scale_down|rebalance)$")]
+    reason: Text
+    sent_at: Seconds = 0.0  # unix time
+
+
 class PlaceRequest(Message):
     """Gateway -> scheduler: where should this request run? ``exclude``: workers to avoid.
     ``prefix_hashes`` are the prompt's chained block hashes at ``hash_block_size`` tokens per

@@ -51,6 +51,11 @@ class Subjects:
         return f"{self.prefix}.sched.stats"
 
     @property
+    def planner_decision(self) -> str:
+        """PlannerDecisions (publish): desired prefill and decode worker counts."""
+        return f"{self.prefix}.planner.decision"
+
+    @property
     def heartbeat(self) -> str:
         """Worker heartbeats (publish)."""
         return f"{self.prefix}.worker.heartbeat"

@@ -1,0 +1,1 @@
+"""`disagg planner`: desired prefill and decode worker counts from measured load and SLOs."""

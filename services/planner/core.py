@@ -1,0 +1,178 @@
+"""How many prefill and decode workers to run, from measured load and the SLOs. No I/O.
+
+Each tick the shell hands ``Planner.observe`` the scheduler's signals (``Signals``: per-phase
+rates over a window, the prefill queue, decode KV usage, held placements) and gets the desired
+counts back (``Decision``). The need of each phase:
+
+- **prefill**: busy workers' worth of arriving prompt tokens (``PhaseRates.workers_needed``)
+  sized for ``--target-utilization``; and enough to drain the queued prompt tokens within half
+  the TTFT SLO at the measured per-worker rate.
+- **decode**: the same utilization rule on sampled tokens; the inter-token latency a worker
+  gives at its batch (``running / tokens-per-busy-second``) kept under the ITL SLO; and one
+  more while placements are held or KV usage is above ``--kv-high-watermark``.
+
+The budget (``--max-workers``) caps the sum, shared in proportion to the needs, at least one
+each. Changes are damped: more workers are granted at once (a violated SLO costs now), fewer
+only after the lower need held ``--scale-down-after-s`` and, computed at a lower utilization
+(the hysteresis band), still fits, one worker at a time; no two changes within
+``--cooldown-s``. Steady load therefore gives steady counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from disagg.shared.config import option
+from disagg.shared.rates import PhaseRates
+
+DOWN_BAND = 0.15  # utilization below the target a smaller count must reach to be chosen
+Action = Literal["hold", "scale_up", "scale_down", "rebalance"]
+
+
+@dataclass(frozen=True)
+class PlannerPolicy:
+    """SLOs, budget and damping of the planner; its fields are flags."""
+
+    ttft_slo_ms: float = option(2000.0, help="time-to-first-token objective")
+    itl_slo_ms: float = option(200.0, help="inter-token latency objective")
+    max_workers: int = option(2, help="worker budget: prefill + decode workers at most")
+    target_utilization: float = option(0.7, help="busy fraction each worker is sized for")
+    kv_high_watermark: float = option(0.85, help="decode KV usage that asks for one more")
+    scale_down_after_s: float = option(30.0, help="a lower need holds this long before a removal")
+    cooldown_s: float = option(10.0, help="at least this long between two changes")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be positive")
+        if self.max_workers < 2:
+            raise ValueError("--max-workers must be >= 2 (one prefill, one decode)")
+        if not DOWN_BAND < self.target_utilization <= 1.0:
+            raise ValueError(f"--target-utilization must be in ({DOWN_BAND}, 1]")
+        if self.kv_high_watermark > 1.0:
+            raise ValueError("--kv-high-watermark must be <= 1")
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the planner sees at ``now`` (live, non-draining dedicated workers only)."""
+
+    now: float
+    prefill: PhaseRates
+    decode: PhaseRates
+    prefill_workers: int
+    decode_workers: int
+    queued_prefill_tokens: int = 0
+    decode_running: int = 0  # sequences in the decode workers' batches
+    decode_kv_usage: float = 0.0
+    held: int = 0  # placements waiting for decode room
+
+
+@dataclass(frozen=True)
+class Decision:
+    prefill: int
+    decode: int
+    action: Action
+    reason: str
+
+
+@dataclass(frozen=True)
+class Need:
+    prefill: int
+    decode: int
+    why: str
+
+
+class Planner:
+    """Desired worker counts, damped; starts from the first counts it observes."""
+
+    def __init__(self, policy: PlannerPolicy = PlannerPolicy()) -> None:
+        self.policy = policy
+        self.desired: tuple[int, int] | None = None
+        self._changed_at = -math.inf
+        self._lower_since: float | None = None
+
+    def need(self, s: Signals, utilization: float | None = None) -> Need:
+        """Each phase's worker need at ``utilization`` (default: the target), in the budget."""
+        util = utilization or self.policy.target_utilization
+        p, p_why = self._prefill_need(s, util)
+        d, d_why = self._decode_need(s, util)
+        p, d = self._fit(p, d)
+        return Need(p, d, f"prefill {p} ({p_why}), decode {d} ({d_why})")
+
+    def observe(self, s: Signals) -> Decision:
+        """The desired counts after this tick."""
+        current = (max(1, s.prefill_workers), max(1, s.decode_workers))
+        if self.desired is None:
+            self.desired = self._fit(*current)
+        need = self.need(s)
+        want = (need.prefill, need.decode)
+        if want == self.desired:
+            self._lower_since = None
+            return self._decision("hold", need.why)
+        if s.now - self._changed_at < self.policy.cooldown_s:
+            return self._decision("hold", f"cooldown; wants {want}")
+        if want[0] > self.desired[0] or want[1] > self.desired[1]:  # an SLO is at stake now
+            grown = (max(want[0], self.desired[0]), max(want[1], self.desired[1]))
+            target = grown if sum(grown) <= self.policy.max_workers else want  # else: the budget
+            action = "scale_up" if sum(target) > sum(self.desired) else "rebalance"
+            return self._change(target, s.now, action, need.why)
+        return self._maybe_lower(s, need)
+
+    def _maybe_lower(self, s: Signals, need: Need) -> Decision:
+        self._lower_since = s.now if self._lower_since is None else self._lower_since
+        if s.now - self._lower_since < self.policy.scale_down_after_s:
+            return self._decision("hold", f"lower need for {s.now - self._lower_since:.0f} s")
+        band = self.need(s, self.policy.target_utilization - DOWN_BAND)
+        p, d = self.desired
+        lower = (p - (band.prefill < p), d - (band.decode < d))
+        if lower == self.desired:  # inside the hysteresis band: keep what runs
+            return self._decision("hold", "within the hysteresis band")
+        return self._change(lower, s.now, "scale_down", band.why)
+
+    def _change(self, counts: tuple[int, int], now: float, action: Action, why: str) -> Decision:
+        self.desired, self._changed_at, self._lower_since = counts, now, None
+        return self._decision(action, why)
+
+    def _decision(self, action: Action, reason: str) -> Decision:
+        return Decision(self.desired[0], self.desired[1], action, reason)
+
+    def _prefill_need(self, s: Signals, util: float) -> tuple[int, str]:
+        rates, workers = s.prefill, max(1, s.prefill_workers)
+        needed = rates.workers_needed
+        if needed is None:  # nothing measured in the window: keep what runs
+            return workers, "not measured"
+        n, why = math.ceil(needed / util), f"{needed:.2f} busy"
+        capacity = rates.capacity_tps
+        if s.queued_prefill_tokens and capacity:
+            drain_s = self.policy.ttft_slo_ms / 1000 / 2
+            queue_n = math.ceil(s.queued_prefill_tokens / (capacity * drain_s))
+            if queue_n > n:
+                n, why = queue_n, f"{s.queued_prefill_tokens} tokens queued"
+        return max(1, n), why
+
+    def _decode_need(self, s: Signals, util: float) -> tuple[int, str]:
+        rates, workers = s.decode, max(1, s.decode_workers)
+        needed = rates.workers_needed
+        n, why = (workers, "not measured") if needed is None else (
+            max(1, math.ceil(needed / util)), f"{needed:.2f} busy"
+        )  # fmt: skip
+        capacity = rates.capacity_tps
+        if capacity and s.decode_running:
+            itl_s = s.decode_running / workers / capacity  # a step serves the whole batch
+            itl_n = math.ceil(workers * itl_s / (self.policy.itl_slo_ms / 1000 * util))
+            if itl_n > n:
+                n, why = itl_n, f"ITL {itl_s * 1000:.0f} ms at batch {s.decode_running}"
+        if s.held or s.decode_kv_usage > self.policy.kv_high_watermark:
+            n, why = max(n, workers + 1), f"{s.held} held, KV {s.decode_kv_usage:.0%}"
+        return max(1, n), why
+
+    def _fit(self, p: int, d: int) -> tuple[int, int]:
+        """(p, d) within the budget, shared in proportion to the needs, at least one each."""
+        budget = self.policy.max_workers
+        if p + d <= budget:
+            return p, d
+        p = min(budget - 1, max(1, round(budget * p / (p + d))))
+        return p, budget - p

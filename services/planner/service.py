@@ -1,0 +1,124 @@
+"""`disagg planner`: every ``--interval-s`` it turns what the workers' heartbeats and the
+schedulers' stats say into desired prefill and decode worker counts (``core.Planner``),
+publishes them as a ``PlannerDecision`` and exports them on its own Prometheus endpoint:
+``disagg:planner_desired_workers{role}``, ``disagg:workers{role}`` (live, by heartbeat) and
+``disagg:planner_decisions_total{action}``. It acts on nothing itself: actuators (``disagg up
+--autoscale``, a Kubernetes controller) follow its decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import Counter as PromCounter
+
+from disagg.services.planner.config import PlannerConfig
+from disagg.services.planner.core import Decision, Planner, Signals
+from disagg.shared.cluster import PeerWatch
+from disagg.shared.log import get_logger
+from disagg.shared.protocol.codec import decode, encode
+from disagg.shared.protocol.messages import Heartbeat, PlannerDecision, SchedulerStats
+from disagg.shared.protocol.types import MessageError, Role, new_request_id
+from disagg.shared.rates import RateEstimator
+from disagg.shared.service import connect_nats, publish, run_service, sleep_unless
+
+log = get_logger("disagg.planner")
+
+
+class PlannerMetrics:
+    def __init__(self) -> None:
+        self.registry = reg = CollectorRegistry()
+        by_role = ("role",)
+        self.desired = Gauge("disagg:planner_desired_workers", "Workers the planner wants.",
+                             by_role, registry=reg)  # fmt: skip
+        self.live = Gauge("disagg:workers", "Live workers, by heartbeat.", by_role, registry=reg)
+        self.decisions = PromCounter(
+            "disagg:planner_decisions", "Planner decisions (hold included).", ("action",),
+            registry=reg,
+        )  # fmt: skip
+
+    def observe(self, decision: Decision, live: Counter) -> None:
+        self.desired.labels("prefill").set(decision.prefill)
+        self.desired.labels("decode").set(decision.decode)
+        for role in Role:
+            self.live.labels(str(role)).set(live.get(str(role), 0))
+        self.decisions.labels(decision.action).inc()
+
+
+class PlannerService:
+    def __init__(self, cfg: PlannerConfig) -> None:
+        self.cfg, self.subjects = cfg, cfg.service.subjects
+        self.planner_id = cfg.id or "planner-" + new_request_id()[:10]
+        self.planner = Planner(cfg.policy)
+        self.rates = RateEstimator(cfg.rate_window_s)
+        self.stats: dict[str, SchedulerStats] = {}  # scheduler id -> latest
+        self.metrics = PlannerMetrics()
+        self.watch: PeerWatch | None = None
+
+    async def run(self, stop) -> None:
+        service = self.cfg.service
+        nc = await connect_nats(service.nats, "planner")
+        self.watch = PeerWatch(lambda: nc.is_connected, service.missed_heartbeats)
+        await nc.subscribe(self.subjects.heartbeat, cb=self._on_heartbeat)
+        await nc.subscribe(self.subjects.scheduler_stats, cb=self._on_stats)
+        if self.cfg.metrics_port:
+            start_http_server(self.cfg.metrics_port, self.cfg.metrics_host, self.metrics.registry)
+        log.info("planner_ready", planner_id=self.planner_id, nats=service.nats.display,
+                 policy=str(self.cfg.policy), metrics_port=self.cfg.metrics_port)  # fmt: skip
+        while not stop.is_set():
+            decision = self.tick(time.monotonic())
+            message = PlannerDecision(
+                planner_id=self.planner_id, prefill=decision.prefill, decode=decision.decode,
+                action=decision.action, reason=decision.reason[:1024], sent_at=time.time(),
+            )  # fmt: skip
+            await publish(nc, self.subjects.planner_decision, encode(message))
+            await sleep_unless(stop, self.cfg.interval_s)
+        await nc.drain()
+
+    def tick(self, now: float) -> Decision:
+        for worker_id in self.watch.expire(now):
+            self.rates.forget(worker_id)
+        workers = [w for w in self.watch.table.workers() if not w.report.draining]
+        live = Counter(str(w.report.role) for w in workers)
+        decodes = [w for w in workers if w.report.role == Role.DECODE]
+        stats = list(self.stats.values())
+        signals = Signals(
+            now=now,
+            prefill=self.rates.phase("prefill", now),
+            decode=self.rates.phase("decode", now),
+            prefill_workers=live.get(str(Role.PREFILL), 0),
+            decode_workers=live.get(str(Role.DECODE), 0),
+            queued_prefill_tokens=sum(
+                w.report.queued_prefill_tokens for w in workers if w.report.role == Role.PREFILL
+            ),
+            decode_running=sum(w.report.running for w in decodes),
+            decode_kv_usage=max((s.decode_kv_usage for s in stats), default=0.0),
+            held=sum(s.held for s in stats),
+        )
+        decision = self.planner.observe(signals)
+        self.metrics.observe(decision, live)
+        if decision.action != "hold":
+            log.info("planner_decision", prefill=decision.prefill, decode=decision.decode,
+                     action=decision.action, reason=decision.reason)  # fmt: skip
+        return decision
+
+    async def _on_heartbeat(self, msg) -> None:
+        try:
+            report = decode(Heartbeat, msg.data)
+        except MessageError:
+            return  # the scheduler logs bad heartbeats
+        self.watch.beat(report, time.monotonic())
+        self.rates.observe(report, time.monotonic())
+
+    async def _on_stats(self, msg) -> None:
+        try:
+            stats = decode(SchedulerStats, msg.data)
+        except MessageError:
+            return
+        self.stats[stats.scheduler_id] = stats
+
+
+def main(cfg: PlannerConfig) -> int:
+    return run_service(cfg.service, PlannerService(cfg).run)

@@ -1,0 +1,159 @@
+"""The planner's core on synthetic signals: needs from rates and SLOs, the budget, damping."""
+
+from __future__ import annotations
+
+import pytest
+
+from disagg.services.planner.core import Planner, PlannerPolicy, Signals
+from disagg.shared.rates import PhaseRates
+
+POLICY = PlannerPolicy(max_workers=4, target_utilization=0.7, scale_down_after_s=30,
+                       cooldown_s=10, ttft_slo_ms=2000, itl_slo_ms=200)  # fmt: skip
+
+
+def load(busy_p: float, busy_d: float, *, p: int = 1, d: int = 1, now: float = 0.0, **kw):
+    """`busy_*`: busy workers' worth of demand (a worker does 1000 prefill tokens or 100
+    sampled tokens per busy second); `p`, `d`: workers live."""
+    prefill = PhaseRates(workers=p, tokens=1000.0, busy_s=1.0, demand_tps=1000.0 * busy_p)
+    decode = PhaseRates(workers=d, tokens=100.0, busy_s=1.0, demand_tps=100.0 * busy_d)
+    return Signals(now=now, prefill=prefill, decode=decode, prefill_workers=p,
+                   decode_workers=d, **kw)  # fmt: skip
+
+
+def test_needs_follow_utilization_queue_itl_and_held():
+    planner = Planner(POLICY)
+    assert (planner.need(load(0.5, 0.5)).prefill, planner.need(load(0.5, 0.5)).decode) == (1, 1)
+    assert planner.need(load(1.3, 0.5)).prefill == 2  # 1.3 busy at 0.7 each
+    # 3000 queued tokens at 1000/s per worker drain in 1 s (TTFT/2) only with 3 workers.
+    queued = planner.need(load(0.2, 0.2, queued_prefill_tokens=3000))
+    assert queued.prefill == 3 and "queued" in queued.why
+    # 60 sequences on one decode worker at 100 tokens/s: 0.6 s per token, over 0.2 s * 0.7.
+    assert planner.need(load(0.2, 0.6, decode_running=60)).decode == 4 - 1  # the budget: 1P
+    assert planner.need(load(0.2, 0.2, held=2)).decode == 2
+    assert planner.need(load(0.2, 0.2, decode_kv_usage=0.9)).decode == 2
+    unmeasured = PhaseRates(workers=0, tokens=0.0, busy_s=0.0, demand_tps=0.0)
+    quiet = Signals(0.0, unmeasured, unmeasured, prefill_workers=2, decode_workers=1)
+    assert (planner.need(quiet).prefill, planner.need(quiet).decode) == (2, 1)  # keep what runs
+
+
+def test_the_budget_is_shared_in_proportion_and_leaves_one_each():
+    planner = Planner(POLICY)
+    heavy = planner.need(load(6.0, 2.0))  # wants 9 + 3 of 4
+    assert (heavy.prefill, heavy.decode) == (3, 1)
+    assert sum(map(int, (planner.need(load(0.1, 20.0)).prefill,
+                         planner.need(load(0.1, 20.0)).decode))) == 4  # fmt: skip
+    assert planner.need(load(0.1, 20.0)).prefill == 1
+
+
+def test_up_at_once_down_slowly_one_at_a_time_and_never_within_the_cooldown():
+    planner = Planner(POLICY)
+    assert planner.observe(load(0.5, 0.5, now=0)).action == "hold"
+    up = planner.observe(load(1.8, 0.5, now=1))  # 3 prefill workers needed
+    assert (up.prefill, up.decode, up.action) == (3, 1, "scale_up")
+    assert planner.observe(load(0.5, 1.9, p=3, now=5)).action == "hold"  # cooldown
+    moved = planner.observe(load(0.5, 1.9, p=3, now=12))  # decode needs 3 too: over budget
+    assert (moved.prefill, moved.decode, moved.action) == (1, 3, "rebalance")
+    quiet = [planner.observe(load(0.1, 0.1, p=1, d=3, now=t)) for t in range(23, 53)]
+    assert all(d.action == "hold" for d in quiet)  # not 30 s below the need yet
+    first = planner.observe(load(0.1, 0.1, p=1, d=3, now=54))
+    assert (first.prefill, first.decode, first.action) == (1, 2, "scale_down")
+    again = planner.observe(load(0.1, 0.1, p=1, d=2, now=60))
+    assert again.action == "hold"  # a new 30 s wait (and the cooldown)
+
+
+def test_steady_load_near_a_boundary_keeps_steady_counts():
+    planner = Planner(POLICY)
+    decisions = []
+    for t in range(0, 300):  # 1.35 or 1.45 busy workers: 2 or 3 of them at 0.7 each
+        busy = 1.4 + (0.05 if t % 2 else -0.05)
+        decisions.append(planner.observe(load(busy, 0.3, p=2, now=float(t))))
+    changes = [d for d in decisions if d.action != "hold"]
+    assert len(changes) == 1 and changes[0].prefill == 3  # the peaks' need, once
+    assert all(d.prefill == 3 for d in decisions[2:])  # the band keeps it: no flapping
+
+
+def test_policy_bounds():
+    with pytest.raises(ValueError, match="max-workers"):
+        PlannerPolicy(max_workers=1)
+    with pytest.raises(ValueError, match="target-utilization"):
+        PlannerPolicy(target_utilization=1.5)
+    with pytest.raises(ValueError, match="positive"):
+        PlannerPolicy(cooldown_s=0)
+
+
+# --- the service, on a real nats-server with synthetic heartbeats ----------------------------
+
+
+def heartbeat(worker_id: str, role: str, t: float, busy: float, rate: float):
+    from disagg.shared.protocol.messages import Heartbeat
+
+    return Heartbeat(
+        worker_id=worker_id, role=role, zmq_address="tcp://127.0.0.1:1", model="m",
+        fingerprint="f", block_size=16, total_blocks=100, free_blocks=90, running=2, waiting=0,
+        queued_prefill_tokens=0, max_model_len=1024, busy_s=busy * t,
+        prefill_tokens=int(rate * t) if role == "prefill" else 0,
+        sampled_tokens=int(rate * t) if role == "decode" else 0,
+    )  # fmt: skip
+
+
+def test_the_service_publishes_decisions_and_metrics_from_heartbeats(tmp_path):
+    import asyncio
+    import json
+    import re
+    import time
+    import urllib.request
+
+    import nats
+
+    from disagg.cli.procs import Child, NatsServer, disagg_command, free_port
+    from disagg.shared.protocol.codec import decode, encode
+    from disagg.shared.protocol.messages import PlannerDecision
+    from tests.cluster import wait_until
+
+    server, port = NatsServer().start(), free_port()
+    argv = [*disagg_command(), "planner", "--nats", server.url, "--metrics-port", str(port),
+            "--interval-s", "0.2", "--cooldown-s", "0.5", "--max-workers", "4",
+            "--rate-window-s", "3"]  # fmt: skip
+    planner = Child("planner", argv, log=open(tmp_path / "planner.log", "ab"))  # noqa: SIM115
+
+    async def drive() -> list[PlannerDecision]:
+        nc = await nats.connect(server.url)
+        decisions: list[PlannerDecision] = []
+
+        async def on_decision(msg) -> None:
+            decisions.append(decode(PlannerDecision, msg.data))
+
+        await nc.subscribe("disagg.planner.decision", cb=on_decision)
+        start = time.monotonic()
+        while time.monotonic() - start < 30 and not any(d.prefill >= 2 for d in decisions):
+            t = time.monotonic() - start
+            # prefill fully busy (1.0 busy s per s: 1.4 workers needed at 0.7), decode at 20%
+            await nc.publish(
+                "disagg.worker.heartbeat", encode(heartbeat("prefill-x", "prefill", t, 1.0, 1000.0))
+            )
+            await nc.publish("disagg.worker.heartbeat",
+                             encode(heartbeat("decode-x", "decode", t, 0.2, 50.0)))  # fmt: skip
+            await asyncio.sleep(0.2)
+        await nc.close()
+        return decisions
+
+    try:
+        decisions = asyncio.run(drive())
+        up = [d for d in decisions if d.action == "scale_up"]
+        assert up and (up[0].prefill, up[0].decode) == (2, 1), decisions[-3:]
+
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.read().decode()
+
+        wait_until(lambda: "disagg:planner_desired_workers" in metrics(), what="metrics")
+        text = metrics()
+        assert re.search(r'disagg:planner_desired_workers\{role="prefill"\} 2\.0', text)
+        assert re.search(r'disagg:workers\{role="prefill"\} 1\.0', text)
+        assert re.search(r'disagg:planner_decisions_total\{action="scale_up"\} 1\.0', text)
+        logged = [json.loads(x) for x in (tmp_path / "planner.log").read_text().splitlines()
+                  if '"planner_decision"' in x]  # fmt: skip
+        assert logged and logged[0]["action"] == "scale_up"
+    finally:
+        planner.stop()
+        server.stop()
