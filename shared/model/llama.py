@@ -82,9 +82,9 @@ class Attention(nn.Module):
         )
         self.scale = args.head_dim**-0.5
         q_out, kv_out = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, q_out, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
+        # q, k and v in one matmul (the checkpoint's three weights concatenated at load).
+        self.qkv_proj = nn.Linear(args.hidden_size, q_out + 2 * kv_out, bias=args.qkv_bias)
+        self.qkv_split = (q_out, kv_out, kv_out)
         self.o_proj = nn.Linear(q_out, args.hidden_size, bias=False)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
@@ -101,9 +101,10 @@ class Attention(nn.Module):
         after_kv_write: Callable[[], None] | None,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -176,12 +177,13 @@ def _gather_context(cache: torch.Tensor, table: torch.Tensor, length: int) -> to
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        # gate and up in one matmul (concatenated at load).
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -124,6 +124,20 @@ def _read_weights(folder, args, dtype, device, progress) -> dict[str, torch.Tens
             progress(done, len(shapes))
     if args.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    return _fused(state, args)
+
+
+def _fused(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Each layer's q, k, v projections (weights, and biases) as one ``qkv_proj``, and gate and
+    up as one ``gate_up_proj``: one matmul each instead of three and two. The checkpoint's
+    names (and the fingerprint built from them) stay Hugging Face's."""
+    for i in range(args.num_layers):
+        attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        for kind in ("weight", "bias") if args.qkv_bias else ("weight",):
+            parts = [state.pop(f"{attn}{n}_proj.{kind}") for n in "qkv"]
+            state[f"{attn}qkv_proj.{kind}"] = torch.cat(parts)
+        gate_up = [state.pop(f"{mlp}{n}_proj.weight") for n in ("gate", "up")]
+        state[f"{mlp}gate_up_proj.weight"] = torch.cat(gate_up)
     return state
 
 
