@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ import torch
 
 from disagg.cli.tiny import TinySpec, write_tiny_checkpoint
 from disagg.shared.engine.block_pool import BlockPool
+
+# Services the tests start compare their tokens with transformers in float32; `--dtype auto`
+# would pick bfloat16 on a CPU with fast bf16 (AMX). Tests of bf16 ask for it by name.
+os.environ["DISAGG_DTYPE"] = "float32"
 
 
 @pytest.fixture(scope="session")

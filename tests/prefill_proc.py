@@ -72,7 +72,7 @@ def handle(worker: PrefillWorker, msg: dict) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--blocks", type=int, default=256)
     p.add_argument("--block-size", type=int, default=4)
     p.add_argument("--budget", type=int, default=512)

@@ -99,7 +99,12 @@ def decode_side(request):
     made = []
 
     def make(
-        model: Path, *, blocks: int = 128, deadline_s: float = 30.0, wire_dtype=None, dtype="auto"
+        model: Path,
+        *,
+        blocks: int = 128,
+        deadline_s: float = 30.0,
+        wire_dtype=None,
+        dtype="float32",
     ):
         rt = build_runtime(
             RuntimeConfig(model=model, dtype=dtype, num_blocks=blocks, block_size=BLOCK)
@@ -229,7 +234,11 @@ def test_int8_wire_agrees_with_fp32(checkpoints, decode_side, prefill_procs):
 def test_int8_kv_logit_error(checkpoints, arch):
     # Measured (2026-11-24): INT8 prompt KV moves the next-step logits by at most 0.13 (llama) and
     # 0.18 (qwen2) at logit magnitudes of 20-30 (under 1%), top-1 unchanged for all 4 prompts.
-    rt = build_runtime(RuntimeConfig(model=checkpoints(arch=arch), num_blocks=32, block_size=BLOCK))
+    rt = build_runtime(
+        RuntimeConfig(
+            dtype="float32", model=checkpoints(arch=arch), num_blocks=32, block_size=BLOCK
+        )
+    )
     for prompt in prompts_of((6, 17, 11, 25), seed=2):
         n = -(-len(prompt) // BLOCK)
         table = list(range(n + 1))

@@ -194,3 +194,18 @@ def test_layer_callback_sees_a_prompt_whose_last_chunk_is_one_token(checkpoints)
     assert [layer for layer, _ in seen] == list(range(layers))  # once per layer, at completion
     assert out == hf_greedy(checkpoints(arch="llama"), prompt, 3)
     assert_pool_full(pool)
+
+
+def test_dtype_auto_is_bf16_only_where_the_hardware_runs_it_fast():
+    from disagg.shared.engine.dtype import resolve_dtype
+
+    def fast_bf16(dtype):  # e.g. AMX: bf16 matmul 7x fp32
+        return 1.4e12 if dtype == torch.bfloat16 else 2e11
+
+    def slow_bf16(dtype):  # e.g. AVX2 only: bf16 emulated
+        return 3e10 if dtype == torch.bfloat16 else 2e11
+
+    assert resolve_dtype("auto", "cpu", fast_bf16) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", slow_bf16) == "float32"
+    assert resolve_dtype("float16", "cpu", fast_bf16) == "float16"  # asked for by name
+    assert resolve_dtype("auto", "cpu") in ("bfloat16", "float32")  # this machine, measured

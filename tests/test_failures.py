@@ -257,6 +257,7 @@ def test_gateway_leases_expire_after_silence_but_not_during_our_own_outage():
 def test_decode_fails_transfers_of_a_dead_prefill_and_bounds_admission(checkpoints):
     rt = build_runtime(
         RuntimeConfig(
+            dtype="float32",
             model=checkpoints(arch="llama"),
             num_blocks=64,
             block_size=4,

@@ -78,7 +78,7 @@ def test_evictions_keep_output_exact(checkpoints):
 def test_both_roles_cache_and_disagg_output_is_unchanged(checkpoints):
     """Prefill reuses its cached prefix and still ships every block; decode's output is exact."""
     path = checkpoints(arch="llama")
-    cfg = RuntimeConfig(model=path, num_blocks=64, block_size=BLOCK)
+    cfg = RuntimeConfig(dtype="float32", model=path, num_blocks=64, block_size=BLOCK)
     p_rt, d_rt = build_runtime(cfg), build_runtime(cfg)
     sender, receiver = KVSender(p_rt.fingerprint), KVReceiver("127.0.0.1")
     try:
@@ -135,7 +135,7 @@ def test_decode_held_prefix_ships_only_the_suffix(checkpoints):
     blocks and the prefill worker ships only those, whether it has the prefix cached itself
     (computes only the suffix) or not (recomputes the prefix, still ships only the suffix)."""
     path = checkpoints(arch="llama")
-    cfg = RuntimeConfig(model=path, num_blocks=64, block_size=BLOCK)
+    cfg = RuntimeConfig(dtype="float32", model=path, num_blocks=64, block_size=BLOCK)
     warm_rt, cold_rt, d_rt = build_runtime(cfg), build_runtime(cfg), build_runtime(cfg)
     senders = [KVSender(warm_rt.fingerprint), KVSender(cold_rt.fingerprint)]
     receiver = KVReceiver("127.0.0.1")
@@ -173,7 +173,9 @@ def test_decode_held_prefix_ships_only_the_suffix(checkpoints):
 
 
 def test_prefill_refuses_a_transfer_that_does_not_end_at_the_prompt(checkpoints):
-    rt = build_runtime(RuntimeConfig(model=checkpoints(arch="llama"), num_blocks=16, block_size=4))
+    rt = build_runtime(
+        RuntimeConfig(dtype="float32", model=checkpoints(arch="llama"), num_blocks=16, block_size=4)
+    )
     sender = KVSender(rt.fingerprint)
     try:
         prefill = PrefillWorker(rt.engine, sender)
@@ -196,7 +198,7 @@ def test_decode_held_prefix_is_released_on_abort_failure_and_refusal(checkpoints
     """Every way out of a pending admit gives back the shared prefix blocks as well as the new
     ones; the prefix stays cached for the next request."""
     path = checkpoints(arch="llama")
-    rt = build_runtime(RuntimeConfig(model=path, num_blocks=12, block_size=BLOCK))
+    rt = build_runtime(RuntimeConfig(dtype="float32", model=path, num_blocks=12, block_size=BLOCK))
     receiver = KVReceiver("127.0.0.1")
     try:
         decode = DecodeWorker(rt.engine, receiver, fingerprint=rt.fingerprint)

@@ -105,7 +105,7 @@ def test_a_moved_request_counts_its_carried_tokens_as_output():
 @pytest.mark.parametrize("penalty", [1.3, 0.8])
 def test_greedy_with_repetition_penalty_equals_transformers(checkpoints, penalty):
     model_dir = checkpoints(arch="llama")
-    rt = build_runtime(RuntimeConfig(model=model_dir, num_blocks=64, block_size=4))
+    rt = build_runtime(RuntimeConfig(dtype="float32", model=model_dir, num_blocks=64, block_size=4))
     engine: Engine = rt.engine
     prompt = [5, 9, 5, 17, 33, 9, 2]
     params = SamplingParams(max_tokens=12, repetition_penalty=penalty, ignore_eos=True)
@@ -131,7 +131,7 @@ def test_logprobs_are_the_raw_log_softmax():
 
 def test_prompt_logprobs_over_chunks_equal_transformers_and_skip_the_prefix_cache(checkpoints):
     model_dir = checkpoints(arch="llama")
-    cfg = RuntimeConfig(model=model_dir, num_blocks=64, block_size=4,
+    cfg = RuntimeConfig(dtype="float32", model=model_dir, num_blocks=64, block_size=4,
                         engine=EngineConfig(max_num_batched_tokens=5))  # fmt: skip
     engine = build_runtime(cfg).engine
     prompt = [5, 9, 5, 17, 33, 9, 2, 40, 41, 7, 3, 8, 22]  # 13 tokens: chunks of 5, 5, 3

@@ -24,7 +24,7 @@ STEP_BOUND = 2000  # steps; far more than any request here needs
 
 
 def runtime(model, *, budget: int = 512, blocks: int = 128) -> Runtime:
-    cfg = RuntimeConfig(
+    cfg = RuntimeConfig(dtype="float32", 
         model=model, num_blocks=blocks, block_size=BLOCK,
         engine=EngineConfig(max_num_batched_tokens=budget),
     )  # fmt: skip

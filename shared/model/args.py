@@ -23,7 +23,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-DTYPE_CHOICES = Literal["auto", "float32", "bfloat16", "float16"]  # "auto": the checkpoint's
+DTYPE_CHOICES = Literal["auto", "float32", "bfloat16", "float16"]  # auto: see engine.dtype
 
 
 class CheckpointError(ValueError):

@@ -154,8 +154,10 @@ def main() -> int:
     port, nats_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     with open(work / "up.log", "w") as log:
+        # float32: lm-eval's hf model, the reference, runs the checkpoint in float32 too.
         up = Child("up", [*disagg_command(), "up", "--mode", "disagg", "--model", str(model),
-                          "--port", str(port), "--nats-port", str(nats_port)], log=log)  # fmt: skip
+                          "--port", str(port), "--nats-port", str(nats_port),
+                          "--dtype", "float32"], log=log)  # fmt: skip
         try:
             wait_ready(base)
             rows: list[tuple[str, bool, str]] = []
