@@ -153,3 +153,50 @@ def test_one_of_three_nats_nodes_killed_under_load_loses_nothing(checkpoints):
         assert_decode_pools_full(stack)
     finally:
         stack.stop()
+
+
+def test_a_live_decode_worker_switches_to_prefill_without_reloading_or_losing_a_request(
+    checkpoints,
+):
+    import asyncio
+
+    import nats
+
+    from disagg.shared.protocol.codec import decode_reply, encode
+    from disagg.shared.protocol.messages import RoleReply, RoleRequest
+    from tests.test_services import blocks
+
+    stack = Up(model(checkpoints), "--prefill", "1", "--decode", "2")
+    try:
+        decodes = sorted(blocks(stack.metrics(), "total", "decode"))
+        assert len(decodes) == 2
+        ps = prompts(4, 8, 41)
+        reference = Streams(stack.base_url, ps, TOKENS).results()
+        streams = Streams(stack.base_url, ps, TOKENS)
+        streams.wait_started(5)
+
+        async def switch(worker_id: str, role: str) -> RoleReply:
+            nc = await nats.connect(stack.nats_url)
+            try:
+                body = encode(RoleRequest(role=role))
+                msg = await nc.request(f"disagg.worker.{worker_id}.role", body, timeout=10)
+                return decode_reply(RoleReply, msg.data)
+            finally:
+                await nc.close()
+
+        reply = asyncio.run(switch(decodes[0], "prefill"))
+        assert (reply.worker_id, reply.role, reply.switching) == (decodes[0], "prefill", True)
+        assert streams.results() == reference  # it drained: its streams finished there
+        wait_until(lambda: decodes[0] in blocks(stack.metrics(), "total", "prefill"),
+                   what="the worker heard as a prefill worker")  # fmt: skip
+        wait_until(lambda: health(stack)["workers"] == {"decode": 1, "prefill": 2},
+                   timeout=10, what="one decode and two prefill workers")  # fmt: skip
+        again = Streams(stack.base_url, ps, 8).results()
+        assert again == [r[:8] for r in reference]
+        loaded = events(stack, "weights_loaded", worker_id=decodes[0])
+        assert len(loaded) == 1 and events(stack, "role_switched", worker_id=decodes[0])
+        assert asyncio.run(switch(decodes[0], "prefill")).switching is False  # already
+        assert_decode_pools_full(stack)
+        assert_decode_pools_full(stack, "prefill")
+    finally:
+        stack.stop()

@@ -209,8 +209,12 @@ class GatewayMetrics:
         self.waiting.set(waiting)
 
     def set_worker_blocks(self, worker: str, role: str, free: int, total: int) -> None:
-        """Latest block counts from a worker's heartbeat."""
-        self._worker_roles.setdefault(worker, set()).add(role)
+        """Latest block counts from a worker's heartbeat (a worker that switched role loses
+        its series under the old one)."""
+        for old in self._worker_roles.get(worker, set()) - {role}:
+            self.blocks_free.remove(worker, old)
+            self.blocks_total.remove(worker, old)
+        self._worker_roles[worker] = {role}
         self.blocks_free.labels(worker=worker, role=role).set(free)
         self.blocks_total.labels(worker=worker, role=role).set(total)
 

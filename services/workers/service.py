@@ -26,8 +26,15 @@ from disagg.shared.cluster import Leases
 from disagg.shared.engine.runtime import Runtime, build_runtime, tty_progress
 from disagg.shared.log import get_logger
 from disagg.shared.protocol.codec import Message, decode, encode, error_reply
-from disagg.shared.protocol.messages import AbortReply, AbortRequest, GatewayHeartbeat, Heartbeat
-from disagg.shared.protocol.types import MessageError, new_worker_id
+from disagg.shared.protocol.messages import (
+    AbortReply,
+    AbortRequest,
+    GatewayHeartbeat,
+    Heartbeat,
+    RoleReply,
+    RoleRequest,
+)
+from disagg.shared.protocol.types import MessageError, Role, new_worker_id
 from disagg.shared.service import connect_nats, guarded, publish, sleep_unless
 
 log = get_logger("disagg.worker")
@@ -55,13 +62,19 @@ class WorkerService(abc.ABC):
 
     zmq_address = ""  # where this worker's KV receiver listens ("" when it has none)
 
-    def __init__(self, cfg: WorkerConfig) -> None:
+    def __init__(self, cfg: WorkerConfig, runtime: Runtime | None = None) -> None:
+        """``runtime``: the weights and KV cache of this worker's previous role (a switch)."""
         self.cfg, self.role = cfg, cfg.role
         self.worker_id = cfg.id or new_worker_id(cfg.role)
         self.subjects = cfg.service.subjects
-        started = time.monotonic()
-        self.runtime: Runtime = build_runtime(cfg.runtime, tty_progress("loading weights"))
-        log.info("weights_loaded", model=str(cfg.runtime.model), seconds=_since(started))
+        self.next_role: Role | None = None  # set by a RoleRequest: run() returns to switch
+        if runtime is None:
+            started = time.monotonic()
+            runtime = build_runtime(cfg.runtime, tty_progress("loading weights"))
+            log.info("weights_loaded", worker_id=self.worker_id, model=str(cfg.runtime.model),
+                     seconds=_since(started))  # fmt: skip
+        self.runtime: Runtime = runtime
+        runtime.engine.on_layer = None  # a prefill core installs its own
         self._hashes_at = -math.inf
         self.stats = Stats()
         self._refresh_stats()
@@ -138,17 +151,23 @@ class WorkerService(abc.ABC):
         await self.subscribe()
         abort = guarded(self._on_abort, "abort")
         await self.nc.subscribe(self.subjects.abort(self.worker_id), cb=abort)
+        await self.nc.subscribe(
+            self.subjects.role(self.worker_id), cb=guarded(self._on_role, "role")
+        )
         self.loop.start()
         self._log_start()
+        done = asyncio.Event()  # ends this shell's tasks: SIGTERM, or a role switch
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._heartbeats(stop))
-            tasks.create_task(self._publisher(stop))
-            tasks.create_task(self._watch_gateways(stop))
-            for work in self.background(stop):
+            tasks.create_task(self._heartbeats(done))
+            tasks.create_task(self._publisher(done))
+            tasks.create_task(self._watch_gateways(done))
+            for work in self.background(done):
                 tasks.create_task(work)
             await self._until_stopped(stop)
             await self._drain()
-            stop.set()
+            if self.next_role is not None and not stop.is_set():
+                await self._abort_leftovers()
+            done.set()
         await self._close()
 
     def refusal(self) -> bytes | None:
@@ -158,7 +177,7 @@ class WorkerService(abc.ABC):
         return None
 
     async def _until_stopped(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and self.next_role is None:
             if self.loop.failed is not None:
                 raise SystemExit(f"compute loop failed: {self.loop.failed!r}")
             await sleep_unless(stop, 0.5)
@@ -188,6 +207,24 @@ class WorkerService(abc.ABC):
                 if orphans:
                     log.warning("gateway_lost", gateway_id=gateway_id, aborted=len(orphans))
             await sleep_unless(stop, 0.5)
+
+    async def _on_role(self, msg: Msg) -> bytes:
+        req = decode(RoleRequest, msg.data)
+        if req.role == self.role:
+            return encode(RoleReply(worker_id=self.worker_id, role=self.role, switching=False))
+        if (refused := self.refusal()) is not None:
+            return refused
+        self.next_role = Role(req.role)
+        log.info("role_switch", worker_id=self.worker_id, role=self.role, to=self.next_role)
+        return encode(RoleReply(worker_id=self.worker_id, role=self.next_role, switching=True))
+
+    async def _abort_leftovers(self) -> None:
+        """A switch whose drain timed out: what is still held ends here (its gateway moves it),
+        so the next role starts on an empty engine and a full pool."""
+        for request_id in list(self.gateways):
+            await self.loop.call(self.core.abort, request_id)
+        await self.loop.call(self.core.step)  # collect the aborts (their outputs are dropped)
+        self.gateways.clear()
 
     async def _on_abort(self, msg: Msg) -> bytes:
         req = decode(AbortRequest, msg.data)

@@ -201,6 +201,21 @@ class JobReply(Message):
     accepted: bool
 
 
+class RoleRequest(Message):
+    """Anyone -> worker: drain and go on as ``role``, on the weights and KV cache already
+    loaded (how a fixed core budget moves between the phases)."""
+
+    role: Role
+
+
+class RoleReply(Message):
+    """Worker -> requester: ``switching`` False when it already had that role."""
+
+    worker_id: Id
+    role: Role
+    switching: bool
+
+
 class AbortRequest(Message):
     """Gateway -> worker: stop a request and free what it holds."""
 

@@ -78,6 +78,10 @@ class Subjects:
         """A worker's abort endpoint (prefill or decode)."""
         return f"{self.prefix}.worker.{check_id('worker_id', worker_id)}.abort"
 
+    def role(self, worker_id: str) -> str:
+        """A worker's role-switch endpoint (RoleRequest)."""
+        return f"{self.prefix}.worker.{check_id('worker_id', worker_id)}.role"
+
     def job(self, prefill_id: str) -> str:
         """A prefill worker's job endpoint."""
         return f"{self.prefix}.prefill.{check_id('prefill_id', prefill_id)}.job"
