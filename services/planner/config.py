@@ -19,6 +19,11 @@ class PlannerConfig:
     interval_s: float = option(1.0, help="one decision this often")
     metrics_host: str = option("127.0.0.1", help="interface of the Prometheus /metrics endpoint")
     metrics_port: int = option(9400, help="port of the Prometheus /metrics endpoint (0: none)")
+    k8s_namespace: str | None = option(
+        None, help="act: set the prefill/decode Deployments' replicas in this namespace"
+    )
+    k8s_prefill: str = option("disagg-prefill", help="the prefill workers' Deployment")
+    k8s_decode: str = option("disagg-decode", help="the decode workers' Deployment")
 
     def __post_init__(self) -> None:
         if self.id is not None:

@@ -2,12 +2,13 @@
 schedulers' stats say into desired prefill and decode worker counts (``core.Planner``),
 publishes them as a ``PlannerDecision`` and exports them on its own Prometheus endpoint:
 ``disagg:planner_desired_workers{role}``, ``disagg:workers{role}`` (live, by heartbeat) and
-``disagg:planner_decisions_total{action}``. It acts on nothing itself: actuators (``disagg up
---autoscale``, a Kubernetes controller) follow its decisions.
+``disagg:planner_decisions_total{action}``. With ``--k8s-namespace`` it also sets the prefill
+and decode Deployments' replicas (``k8s``); other actuators follow the published decisions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
@@ -16,6 +17,7 @@ from prometheus_client import Counter as PromCounter
 
 from disagg.services.planner.config import PlannerConfig
 from disagg.services.planner.core import Decision, Planner, Signals
+from disagg.services.planner.k8s import KubernetesScaler, Targets, actuate
 from disagg.shared.cluster import PeerWatch
 from disagg.shared.log import get_logger
 from disagg.shared.protocol.codec import decode, encode
@@ -56,6 +58,10 @@ class PlannerService:
         self.stats: dict[str, SchedulerStats] = {}  # scheduler id -> latest
         self.metrics = PlannerMetrics()
         self.watch: PeerWatch | None = None
+        self.scaler = None
+        if cfg.k8s_namespace is not None:
+            self.scaler = KubernetesScaler(cfg.k8s_namespace)
+            self.targets = Targets(cfg.k8s_prefill, cfg.k8s_decode)
 
     async def run(self, stop) -> None:
         service = self.cfg.service
@@ -74,6 +80,8 @@ class PlannerService:
                 action=decision.action, reason=decision.reason[:1024], sent_at=time.time(),
             )  # fmt: skip
             await publish(nc, self.subjects.planner_decision, encode(message))
+            if self.scaler is not None:
+                await self._actuate(decision)
             await sleep_unless(stop, self.cfg.interval_s)
         await nc.drain()
 
@@ -103,6 +111,16 @@ class PlannerService:
             log.info("planner_decision", prefill=decision.prefill, decode=decision.decode,
                      action=decision.action, reason=decision.reason)  # fmt: skip
         return decision
+
+    async def _actuate(self, decision: Decision) -> None:
+        """Deployments follow the decision (in a thread: the client blocks); an API error is
+        logged and retried next tick."""
+        try:
+            await asyncio.to_thread(
+                actuate, self.scaler, self.targets, decision.prefill, decision.decode
+            )
+        except Exception as err:  # the API server down or RBAC missing: keep planning
+            log.warning("k8s_scale_failed", error=f"{type(err).__name__}: {err}"[:300])
 
     async def _on_heartbeat(self, msg) -> None:
         try:
