@@ -124,8 +124,7 @@ class PeerWatch:
 
     def __init__(self, is_connected: Callable[[], bool], missed_beats: int = 3) -> None:
         self.table = WorkerTable(missed_beats=missed_beats)
-        self._is_connected = is_connected
-        self._was_down = False
+        self._outage = OwnOutage(is_connected)
 
     def beat(self, report: Heartbeat, now: float) -> bool:
         """Record a heartbeat; True when the worker was not known (joined or came back)."""
@@ -135,14 +134,29 @@ class PeerWatch:
 
     def expire(self, now: float) -> list[str]:
         """Forget and return the workers that went silent."""
-        if not self._is_connected():
-            self._was_down = True
+        if self._outage.down():
             return []
-        if self._was_down:
-            self._was_down = False
+        if self._outage.just_back():
             for state in self.table.workers():
                 self.table.update(state.report, now)
         return self.table.expire(now)
+
+
+class OwnOutage:
+    """Silence heard while this process's own NATS link is down proves nothing about others:
+    no verdicts while ``down()``, and a fresh bound for everyone once ``just_back()``."""
+
+    def __init__(self, is_connected: Callable[[], bool]) -> None:
+        self._is_connected, self._was_down = is_connected, False
+
+    def down(self) -> bool:
+        if not self._is_connected():
+            self._was_down = True
+        return not self._is_connected()
+
+    def just_back(self) -> bool:
+        back, self._was_down = self._was_down, False
+        return back
 
 
 class Leases:
@@ -156,19 +170,16 @@ class Leases:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.timeout_s = timeout_s
         self._last: dict[str, float] = {}
-        self._is_connected = is_connected
-        self._was_down = False
+        self._outage = OwnOutage(is_connected)
 
     def renew(self, party: str, now: float) -> None:
         self._last[party] = now
 
     def expire(self, now: float) -> list[str]:
         """Forget and return (sorted) the parties silent for more than ``timeout_s``."""
-        if not self._is_connected():
-            self._was_down = True
+        if self._outage.down():
             return []
-        if self._was_down:
-            self._was_down = False
+        if self._outage.just_back():
             self._last = dict.fromkeys(self._last, now)
         gone = sorted(p for p, last in self._last.items() if now - last > self.timeout_s)
         for party in gone:
