@@ -430,3 +430,32 @@ def test_bench_without_its_extra_says_what_to_install(monkeypatch, capsys):
     assert "rich not installed; pip install 'disagg[bench]'" in capsys.readouterr().err
     monkeypatch.setattr(importlib.util, "find_spec", real)
     assert command("args") == 0 and called == ["args"]
+
+
+# -- sweep ------------------------------------------------------------------------------------
+
+
+def test_attainment_goodput_interpolation_and_slo_scale():
+    from disagg.benchmarks.harness import sweep
+
+    fast = record(0.0, [(0.1, 1), (0.2, 1)], 0.2)  # TTFT 100 ms, TPOT 100 ms
+    slow = record(0.0, [(0.5, 1), (1.5, 1)], 1.5)  # TTFT 500 ms, TPOT 1000 ms
+    failed = RequestRecord(kind="short", sent_at=0.0, error="HTTP 503")
+    slos = {"ttft": 200.0, "tpot": 200.0}
+    assert sweep.attainment([fast, fast, slow, failed], slos) == 0.5
+    assert sweep.attainment([], slos) == 0.0
+    # 1.0 at 1 req/s, 0.95 at 2, 0.5 at 4: crosses 90% a ninth of the way from 2 to 4.
+    value, bounded = sweep.goodput([(4.0, 0.5), (1.0, 1.0), (2.0, 0.95)])
+    assert bounded and value == pytest.approx(2.0 + 0.05 / 0.45 * 2.0)
+    assert sweep.goodput([(1.0, 0.95), (2.0, 0.92)]) == (2.0, False)  # at least the top rate
+    assert sweep.goodput([(1.0, 0.5), (2.0, 0.1)]) == (0.0, True)
+    curve = sweep.slo_scale_curve([fast, slow], slos, scales=(1.0, 5.0))
+    assert curve == [{"scale": 1.0, "attainment": 0.5}, {"scale": 5.0, "attainment": 1.0}]
+    docs = {m: sweep.mode_document({1.0: [fast], 2.0: [fast, slow]}, slos, 2.0)
+            for m in ("agg", "disagg")}  # fmt: skip
+    out = sweep.sweep_document(docs, slos, {})
+    assert out["modes"]["agg"]["rates"][1] == {"rate": 2.0, "attainment": 0.5, "requests": 2,
+                                               "completed": 2}  # fmt: skip
+    assert out["goodput_ratio_disagg_over_agg"] == 1.0
+    with pytest.raises(ValueError, match="two or more"):
+        sweep.parse_rates("1")

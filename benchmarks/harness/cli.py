@@ -52,6 +52,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_compare_args(cmp)
     _add_trace_args(cmp, COMPARE_DEFAULTS | dict.fromkeys(("workload", "output_len")))
     cmp.set_defaults(run=needs_bench_extra(main_compare))
+    _add_sweep(bench)
+
+
+def _add_sweep(bench: argparse._SubParsersAction) -> None:
+    from disagg.benchmarks.harness import sweep
+
+    p = bench.add_parser(
+        "sweep", help="agg and disagg over a ladder of Poisson rates: SLO attainment, goodput"
+    )
+    _add_compare_args(p)
+    sweep.add_sweep_args(p)
+    _add_trace_args(p, COMPARE_DEFAULTS | {"duration_s": 30.0})
+    p.set_defaults(run=needs_bench_extra(sweep.main_sweep), **COMPARISON_DEFAULTS["modes"])
 
 
 BENCH_EXTRA = ("httpx", "rich", "matplotlib")  # pyproject's `bench` extra
