@@ -81,6 +81,11 @@ def _add_local(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="one-shot local generation through the engine")
     local.add_generate_args(p)
     p.set_defaults(run=local.run_generate)
+    from disagg.cli import role
+
+    p = sub.add_parser("role", help="switch a live worker's role (it drains first)")
+    role.add_role_args(p)
+    p.set_defaults(run=role.run_role)
 
 
 SUBCOMMANDS = [_add_services, _add_bench, _add_local]

@@ -459,3 +459,26 @@ def test_attainment_goodput_interpolation_and_slo_scale():
     assert out["goodput_ratio_disagg_over_agg"] == 1.0
     with pytest.raises(ValueError, match="two or more"):
         sweep.parse_rates("1")
+
+
+@pytest.mark.slow
+def test_bench_sweep_runs_both_modes_over_a_ladder(checkpoints, tmp_path):
+    from disagg.benchmarks.harness.sweep import main_sweep
+
+    argv = ["bench", "sweep", "--model", str(checkpoints(arch="llama")), "--rates", "2,6",
+            "--duration-s", "3", "--input-len", "8", "--output-len", "6", "--long-input-len",
+            "48", "--slo", "ttft:60000,tpot:60000", "--kv-memory-gb", "0.05",
+            "--json", str(tmp_path / "s.json"), "--out-dir", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    assert main_sweep(build_parser().parse_args(argv)) == 0
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert set(doc["modes"]) == {"agg", "disagg"} and doc["slos_ms"]["ttft"] == 60000
+    for mode in doc["modes"].values():
+        assert [p["rate"] for p in mode["rates"]] == [2.0, 6.0]
+        assert all(p["requests"] > 0 and p["attainment"] == 1.0 for p in mode["rates"])
+        assert (mode["goodput_rps"], mode["goodput_bounded"]) == (6.0, False)  # at least
+        assert mode["slo_scale"]["rate"] == 6.0 and len(mode["slo_scale"]["points"]) == 7
+    assert doc["goodput_ratio_disagg_over_agg"] == 1.0
+    assert {p.name for p in tmp_path.glob("sweep-*.png")} == {
+        "sweep-attainment-vs-rate.png", "sweep-attainment-vs-slo-scale.png",
+    }  # fmt: skip

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 import urllib.request
 
 import pytest
 
+from disagg.cli.procs import disagg_command
 from tests.cluster import wait_until
 from tests.test_failures import Streams, prompts
 from tests.test_procs import alive
@@ -195,7 +197,12 @@ def test_a_live_decode_worker_switches_to_prefill_without_reloading_or_losing_a_
         assert again == [r[:8] for r in reference]
         loaded = events(stack, "weights_loaded", worker_id=decodes[0])
         assert len(loaded) == 1 and events(stack, "role_switched", worker_id=decodes[0])
-        assert asyncio.run(switch(decodes[0], "prefill")).switching is False  # already
+        command = [*disagg_command(), "role", decodes[0], "prefill", "--nats", stack.nats_url]
+        again_role = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert again_role.stdout.strip() == f"{decodes[0]}: already prefill", again_role
+        missing = subprocess.run([*command[:2], "nobody-1", "decode", *command[4:]],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert missing.returncode == 1 and "no worker 'nobody-1'" in missing.stdout
         assert_decode_pools_full(stack)
         assert_decode_pools_full(stack, "prefill")
     finally:
