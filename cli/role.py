@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import nats.errors
 
 from disagg.shared.config import add_flags, from_args, group, option
+from disagg.shared.log import configure_logging
 from disagg.shared.protocol.codec import ErrorReply, decode_reply, encode
 from disagg.shared.protocol.messages import RoleReply, RoleRequest
 from disagg.shared.protocol.subjects import Subjects
@@ -33,6 +34,7 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
 
 def run_role(args: argparse.Namespace) -> int:
     cfg = from_args(RoleConfig, args)
+    configure_logging("error")  # the answer is the output, not NATS's connection events
     subject = Subjects(cfg.namespace).role(args.worker_id)
 
     async def ask():
