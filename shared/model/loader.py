@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from disagg.shared.model.args import DTYPES, CheckpointError, ModelArgs
-from disagg.shared.model.llama import Transformer, rope_inv_freq
+from disagg.shared.model.llama import Linear, Transformer, rope_inv_freq
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -94,6 +94,10 @@ def load_model(
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args.head_dim, args.rope).to(device)
+    if torch_dtype == torch.float32 and torch.device(device).type == "cpu":
+        for module in model.layers.modules():  # the projections; lm_head prefers F.linear
+            if isinstance(module, Linear):
+                module.transpose()
     return model.eval()
 
 
