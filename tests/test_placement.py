@@ -291,6 +291,17 @@ def test_both_worker_prefills_locally_without_dedicated_prefill() -> None:
     assert place(table, PlaceInput(10), POLICY) == PlaceDecision("b0", "p")
 
 
+def test_a_both_worker_prefills_itself_when_the_prefill_worker_is_further_behind() -> None:
+    policy = PlacementPolicy()
+    busy_p = table_of(report("b", "both"), report("p", "prefill", queued_prefill_tokens=500))
+    assert place(busy_p, PlaceInput(100), policy) == PlaceDecision("b", None)
+    busy_b = table_of(report("b", "both", queued_prefill_tokens=500),
+                      report("p", "prefill", queued_prefill_tokens=200))  # fmt: skip
+    assert place(busy_b, PlaceInput(100), policy) == PlaceDecision("b", "p")
+    even = table_of(report("b", "both"), report("p", "prefill"))
+    assert place(even, PlaceInput(100), policy) == PlaceDecision("b", "p")  # a tie: dedicated
+
+
 def test_decode_only_worker_may_use_a_both_worker_for_prefill() -> None:
     table = table_of(report("d", free_blocks=100), report("b", "both", free_blocks=1))
     assert place(table, PlaceInput(10), POLICY) == PlaceDecision("d", "b")
@@ -305,8 +316,10 @@ def test_conditional_disaggregation_on_uncached_tokens(
 ) -> None:
     hashes = list(range(1, 9))
     policy = PlacementPolicy(local_prefill_threshold_tokens=100)
+    # "p" caches the same prefix: only the threshold decides (not who has less to compute).
+    cached = hashes[:cached_blocks]
     table = table_of(
-        report("b", "both", prefix_hashes=hashes[:cached_blocks]), report("p", "prefill")
+        report("b", "both", prefix_hashes=cached), report("p", "prefill", prefix_hashes=cached)
     )
     decision = place(table, PlaceInput(prompt_len, hashes), policy)
     assert decision == PlaceDecision("b", None if local else "p")

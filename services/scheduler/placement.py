@@ -230,7 +230,8 @@ def _choose_prefill(
 
     Conditional disaggregation: any decode worker prefills locally when the prompt's part it
     has not cached is under ``policy.local_prefill_threshold_tokens`` (shipping KV would cost
-    more than it saves). A "both" worker also does when no dedicated prefill worker is usable.
+    more than it saves). A "both" worker also does when no dedicated prefill worker is usable,
+    or when the best one has more prompt tokens to compute before this one than it has.
     """
     if _prefills_locally(decode, request, policy):
         return None
@@ -239,7 +240,12 @@ def _choose_prefill(
         assert decode.can_prefill, "place() only passes decode workers a prefill can reach"
         return None
     key = lambda s: (prefill_cost(s, request), s.report.running, s.worker_id)
-    return min(remote, key=key).worker_id
+    best = min(remote, key=key)
+    # A "both" worker takes the prompt itself when the best dedicated prefill worker has more
+    # to compute before it than the "both" worker does (1 P + 1 aggregated shares prefill).
+    if decode.can_prefill and prefill_cost(decode, request) < prefill_cost(best, request):
+        return None
+    return best.worker_id
 
 
 def prefill_cost(worker: WorkerState, request: PlaceInput) -> int:
