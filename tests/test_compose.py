@@ -24,7 +24,7 @@ COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-SERVICES = {"nats", "model", "scheduler", "gateway", "prefill", "decode"}
+SERVICES = {"nats", "model", "scheduler", "planner", "gateway", "prefill", "decode"}
 CLUSTER = ["nats-a", "nats-b", "nats-c"]  # the nats-cluster profile
 DISAGG_SERVICES = sorted(SERVICES - {"nats"})
 LONG_RUNNING = sorted(SERVICES - {"nats", "model"})
