@@ -34,6 +34,9 @@ class PhaseRates:
     tokens: float
     busy_s: float
     demand_tps: float
+    # This phase's tokens per wall second done by aggregated ("both") workers, apart: their
+    # busy time mixes both phases, so they measure no capacity (the planner adds this demand).
+    shared_demand_tps: float = 0.0
 
     @property
     def capacity_tps(self) -> float | None:
@@ -84,22 +87,30 @@ class RateEstimator:
 
     def phase(self, role: str, now: float) -> PhaseRates:
         """Rates of the ``role`` ("prefill" or "decode") workers heard from in the window."""
-        tokens = busy = demand = 0.0
+        tokens = busy = demand = shared = 0.0
         workers = 0
         for worker_role, samples in self._history.values():
             recent = [s for s in samples if now - s.at <= self.window_s]
-            if worker_role != role or len(recent) < 2 or recent[-1].at <= recent[0].at:
+            if (
+                worker_role not in (role, "both")
+                or len(recent) < 2
+                or recent[-1].at <= recent[0].at
+            ):
                 continue
             first, last = recent[0], recent[-1]
             done = _done(role, first, last)
             arrived = done
             if role == "prefill":
                 arrived += last.queued_prefill_tokens - first.queued_prefill_tokens
+            rate = max(0.0, arrived) / (last.at - first.at)
+            if worker_role == "both":
+                shared += rate
+                continue
             workers += 1
             tokens += done
             busy += last.busy_s - first.busy_s
-            demand += max(0.0, arrived) / (last.at - first.at)
-        return PhaseRates(workers, tokens, busy, demand)
+            demand += rate
+        return PhaseRates(workers, tokens, busy, demand, shared)
 
     def ratio(self, now: float) -> float | None:
         """Recommended prefill workers per decode worker, from the rates measured in the window.

@@ -40,9 +40,10 @@ def test_the_budget_is_shared_in_proportion_and_leaves_one_each():
     planner = Planner(POLICY)
     heavy = planner.need(load(6.0, 2.0))  # wants 9 + 3 of 4
     assert (heavy.prefill, heavy.decode) == (3, 1)
-    assert sum(map(int, (planner.need(load(0.1, 20.0)).prefill,
-                         planner.need(load(0.1, 20.0)).decode))) == 4  # fmt: skip
-    assert planner.need(load(0.1, 20.0)).prefill == 1
+    # A light prefill rides on a "both" worker; the rest decodes.
+    assert planner.need(load(0.1, 20.0)).counts == (0, 3, 1)
+    assert planner.need(load(20.0, 0.3)).counts == (3, 0, 1)
+    assert planner.need(load(3.0, 3.0)).counts == (2, 2, 0)  # both heavy: shared
 
 
 def test_up_at_once_down_slowly_one_at_a_time_and_never_within_the_cooldown():
@@ -70,6 +71,33 @@ def test_steady_load_near_a_boundary_keeps_steady_counts():
     changes = [d for d in decisions if d.action != "hold"]
     assert len(changes) == 1 and changes[0].prefill == 3  # the peaks' need, once
     assert all(d.prefill == 3 for d in decisions[2:])  # the band keeps it: no flapping
+
+
+def test_two_workers_follow_the_phases_through_a_both_worker():
+    """The 2-core budget: the light phase rides on an aggregated worker; its work still counts
+    (as shared demand) once no dedicated worker of that phase is left to measure it."""
+    policy = PlannerPolicy(max_workers=2, scale_down_after_s=30, cooldown_s=10)
+    planner = Planner(policy)
+
+    def phase(dedicated: int, busy: float, per_s: float, shared: float = 0.0) -> PhaseRates:
+        if not dedicated:  # nothing measured: only what "both" workers did
+            return PhaseRates(0, 0.0, 0.0, 0.0, shared_demand_tps=shared * per_s)
+        return PhaseRates(dedicated, per_s, 1.0, busy * per_s, shared_demand_tps=shared * per_s)
+
+    def tick(now, p, d, b, prefill, decode):
+        return planner.observe(Signals(now, prefill, decode, p, d, b))
+
+    assert tick(0, 1, 1, 0, phase(1, 0.5, 1000), phase(1, 0.5, 100)).counts == (1, 1, 0)
+    # Long outputs: decode needs 1.5 workers, prefill 0.2: one worker becomes "both".
+    out = tick(1, 1, 1, 0, phase(1, 0.2, 1000), phase(1, 1.5, 100))
+    assert (out.counts, out.action) == ((0, 1, 1), "rebalance")
+    # Steady in that shape: prefill is now measured only through the both worker's share.
+    steady = [tick(t, 0, 1, 1, phase(0, 0, 1000, shared=0.2), phase(1, 0.75, 100, shared=0.75))
+              for t in range(2, 60)]  # fmt: skip
+    assert all(d.counts == (0, 1, 1) for d in steady)
+    # Long prompts: 1.6 workers of prefill (all on the both worker), decode light.
+    long = tick(60, 0, 1, 1, phase(0, 0, 1000, shared=1.6), phase(1, 0.1, 100, shared=0.1))
+    assert (long.counts, long.action) == ((1, 0, 1), "rebalance")
 
 
 def test_policy_bounds():

@@ -44,6 +44,7 @@ class PlannerMetrics:
     def observe(self, decision: Decision, live: Counter) -> None:
         self.desired.labels("prefill").set(decision.prefill)
         self.desired.labels("decode").set(decision.decode)
+        self.desired.labels("both").set(decision.both)
         for role in Role:
             self.live.labels(str(role)).set(live.get(str(role), 0))
         self.decisions.labels(decision.action).inc()
@@ -77,7 +78,8 @@ class PlannerService:
             decision = self.tick(time.monotonic())
             message = PlannerDecision(
                 planner_id=self.planner_id, prefill=decision.prefill, decode=decision.decode,
-                action=decision.action, reason=decision.reason[:1024], sent_at=time.time(),
+                both=decision.both, action=decision.action, reason=decision.reason[:1024],
+                sent_at=time.time(),
             )  # fmt: skip
             await publish(nc, self.subjects.planner_decision, encode(message))
             if self.scaler is not None:
@@ -98,6 +100,7 @@ class PlannerService:
             decode=self.rates.phase("decode", now),
             prefill_workers=live.get(str(Role.PREFILL), 0),
             decode_workers=live.get(str(Role.DECODE), 0),
+            both_workers=live.get(str(Role.BOTH), 0),
             queued_prefill_tokens=sum(
                 w.report.queued_prefill_tokens for w in workers if w.report.role == Role.PREFILL
             ),
@@ -108,8 +111,9 @@ class PlannerService:
         decision = self.planner.observe(signals)
         self.metrics.observe(decision, live)
         if decision.action != "hold":
-            log.info("planner_decision", prefill=decision.prefill, decode=decision.decode,
-                     action=decision.action, reason=decision.reason)  # fmt: skip
+            d = decision
+            log.info("planner_decision", prefill=d.prefill, decode=d.decode, both=d.both,
+                     action=d.action, reason=d.reason)  # fmt: skip
         return decision
 
     async def _actuate(self, decision: Decision) -> None:

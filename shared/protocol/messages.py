@@ -118,15 +118,16 @@ class SchedulerStats(Message):
 
 
 class PlannerDecision(Message):
-    """The planner's desired worker counts, published every tick on
+    """The planner's desired worker counts by role, published every tick on
     ``Subjects.planner_decision``; ``action`` says what this tick changed ("hold": nothing)."""
 
     planner_id: Id
-    prefill: Annotated[int, Meta(ge=1, le=4096)]
-    decode: Annotated[int, Meta(ge=1, le=4096)]
+    prefill: Annotated[int, Meta(ge=0, le=4096)]
+    decode: Annotated[int, Meta(ge=0, le=4096)]
     action: Annotated[str, Meta(pattern="^(hold|scale_up|scale_down|rebalance)$")]
     reason: Text
     sent_at: Seconds = 0.0  # unix time
+    both: Annotated[int, Meta(ge=0, le=4096)] = 0  # aggregated workers
 
 
 class PlaceRequest(Message):
