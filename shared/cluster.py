@@ -104,6 +104,14 @@ class WorkerTable:
             raise ValueError("alive() takes the prefill or the decode role")
         return [s for s in self.workers() if s.serves(role) and not s.report.draining]
 
+    def coming(self, role: Role) -> list[WorkerState]:
+        """Draining workers switching to a role that serves ``role``: back soon, for it."""
+        serves = {Role.PREFILL: (Role.PREFILL, Role.BOTH), Role.DECODE: (Role.DECODE, Role.BOTH)}
+        return [
+            s for s in self.workers()
+            if s.report.draining and s.report.switching_to in serves[Role(role)]
+        ]  # fmt: skip
+
     def workers(self) -> list[WorkerState]:
         """Every known worker, draining ones included, sorted by id."""
         return [self._workers[w] for w in sorted(self._workers)]

@@ -22,6 +22,7 @@ from disagg.services.scheduler.config import SchedulerConfig
 from disagg.services.scheduler.hold import (
     HOLD_BEHIND,
     HOLD_NO_CAPACITY,
+    HOLD_SWITCHING,
     HOLD_WATERMARK,
     HoldPolicy,
     HoldRefusedError,
@@ -108,6 +109,23 @@ def test_a_request_that_would_fit_waits_behind_the_held_ones() -> None:
     assert gate.submit(table, "short", short, 0.1).held_reason == HOLD_BEHIND
     table.update(decode_with(5), now=3.0)
     assert placed(gate.release(table, 3.0)) == ["long", "short"]
+
+
+def test_a_placement_waits_for_a_worker_switching_to_the_missing_role() -> None:
+    switching = report("p", "prefill", draining=True, switching_to="both")
+    table, gate = table_of(decode_with(10), switching), gate_for()
+    assert gate.submit(table, "a", PROMPT, 0.0).held_reason == HOLD_SWITCHING
+    table.update(report("p", "both"), now=0.5)  # back, as an aggregated worker
+    [answer] = gate.release(table, 0.5)
+    assert isinstance(answer.outcome, PlaceDecision) and answer.held_s == pytest.approx(0.5)
+    # Draining for good (no switch): the 503 comes at once.
+    leaving = table_of(decode_with(10), report("p", "prefill", draining=True))
+    [refused] = gate_for().submit(leaving, "b", PROMPT, 0.0).answers
+    assert isinstance(refused.outcome, NoWorkerError)
+    # A switch to decode does not bring a prefill worker back.
+    wrong = table_of(decode_with(10), report("p", "prefill", draining=True, switching_to="decode"))
+    [refused] = gate_for().submit(wrong, "c", PROMPT, 0.0).answers
+    assert isinstance(refused.outcome, NoWorkerError)
 
 
 def test_watermark_holds_even_when_the_prompt_fits() -> None:

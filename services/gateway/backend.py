@@ -151,8 +151,12 @@ class Backend:
 
     def can_serve(self) -> bool:
         """At least one worker can prefill and one can decode (a "both" worker does both)."""
-        alive = [w for w in self.alive_workers() if not w.report.draining]
-        return any(w.can_prefill for w in alive) and any(w.can_decode for w in alive)
+        workers = self.alive_workers()
+        alive = [w for w in workers if not w.report.draining]
+        coming = [w.report.switching_to for w in workers if w.report.switching_to is not None]
+        prefill = any(w.can_prefill for w in alive) or any(r != Role.DECODE for r in coming)
+        decode = any(w.can_decode for w in alive) or any(r != Role.PREFILL for r in coming)
+        return prefill and decode  # a worker switching role counts as its next one
 
     # -- one request ------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 No sockets, no asyncio, no clock: every method that depends on time takes ``now`` (the shell's
 monotonic seconds), as in ``placement``.
 
-Holding. A placement that would overrun decode (``place`` finds no decode worker with the
+Holding. A placement whose only workers of a role are draining to switch to it (a
+``RoleRequest``; their heartbeats say ``switching_to``) waits for them the same way. A
+placement that would overrun decode (``place`` finds no decode worker with the
 blocks, or decode KV usage is at or above ``HoldPolicy.watermark``) waits in a bounded FIFO
 instead of failing; the shell re-checks it on every heartbeat (free blocks only change there)
 and on a timer (for ``max_hold_s``). Held requests are answered in arrival order: a request
@@ -27,6 +29,7 @@ from typing import Generic, TypeVar
 
 from disagg.services.scheduler.placement import (
     NoCapacityError,
+    NoWorkerError,
     PlaceDecision,
     PlaceInput,
     PlacementError,
@@ -43,6 +46,7 @@ T = TypeVar("T")
 HOLD_WATERMARK = "watermark"
 HOLD_NO_CAPACITY = "no_capacity"
 HOLD_BEHIND = "behind_held"  # others wait already: arrival order
+HOLD_SWITCHING = "switching"  # the only workers of a role are switching to it
 
 
 class HoldRefusedError(PlacementError):
@@ -213,6 +217,8 @@ class PlacementGate(Generic[T]):
             decision = place(table, request, self.policy)
         except NoCapacityError as err:
             return HOLD_NO_CAPACITY if self.hold.enabled else err
+        except NoWorkerError as err:  # a worker switching to that role is back in a moment
+            return HOLD_SWITCHING if self.hold.enabled and table.coming(err.role) else err
         except PlacementError as err:
             return err
         if self.hold.enabled and should_hold_prefill(table, self.hold.watermark):

@@ -279,6 +279,7 @@ class WorkerService(abc.ABC):
             prefix_hashes=list(s.prefix_hashes),
             sent_at=time.time(),
             draining=self.draining,
+            switching_to=self.next_role if self.draining else None,
             prefill_tokens=s.prefill_tokens,
             sampled_tokens=s.sampled_tokens,
             busy_s=s.busy_s,

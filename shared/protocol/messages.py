@@ -57,6 +57,9 @@ class Heartbeat(Message):
     prefix_hashes: Hashes = []
     sent_at: Seconds = 0.0  # unix time
     draining: bool = False
+    # Set while draining to switch role (a RoleRequest): the role it comes back as; new work
+    # for that role can wait for it rather than fail.
+    switching_to: Role | None = None
     prefill_tokens: Count = 0
     sampled_tokens: Count = 0
     busy_s: Seconds = 0.0
