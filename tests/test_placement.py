@@ -302,9 +302,11 @@ def test_a_both_worker_prefills_itself_when_the_prefill_worker_is_further_behind
     assert place(even, PlaceInput(100), policy) == PlaceDecision("b", "p")  # a tie: dedicated
 
 
-def test_decode_only_worker_may_use_a_both_worker_for_prefill() -> None:
+def test_a_both_worker_never_prefills_for_a_decode_only_worker() -> None:
+    # It runs no prefill-job endpoint: "d", with no dedicated prefill worker, is unreachable,
+    # and the prompt goes where it can be prefilled, however little room is left there.
     table = table_of(report("d", free_blocks=100), report("b", "both", free_blocks=1))
-    assert place(table, PlaceInput(10), POLICY) == PlaceDecision("d", "b")
+    assert place(table, PlaceInput(10), POLICY) == PlaceDecision("b", None)
 
 
 @pytest.mark.parametrize(

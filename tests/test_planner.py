@@ -28,7 +28,8 @@ def test_needs_follow_utilization_queue_itl_and_held():
     queued = planner.need(load(0.2, 0.2, queued_prefill_tokens=3000))
     assert queued.prefill == 3 and "queued" in queued.why
     # 60 sequences on one decode worker at 100 tokens/s: 0.6 s per token, over 0.2 s * 0.7.
-    assert planner.need(load(0.2, 0.6, decode_running=60)).decode == 4 - 1  # the budget: 1P
+    itl = planner.need(load(0.2, 0.6, decode_running=60))  # 5 needed, prefill light
+    assert itl.counts == (0, 0, 4) and "ITL 600 ms" in itl.why  # every worker decodes
     assert planner.need(load(0.2, 0.2, held=2)).decode == 2
     assert planner.need(load(0.2, 0.2, decode_kv_usage=0.9)).decode == 2
     unmeasured = PhaseRates(workers=0, tokens=0.0, busy_s=0.0, demand_tps=0.0)
@@ -40,8 +41,8 @@ def test_the_budget_is_shared_in_proportion_and_leaves_one_each():
     planner = Planner(POLICY)
     heavy = planner.need(load(6.0, 2.0))  # wants 9 + 3 of 4
     assert (heavy.prefill, heavy.decode) == (3, 1)
-    # A light prefill rides on a "both" worker; the rest decodes.
-    assert planner.need(load(0.1, 20.0)).counts == (0, 3, 1)
+    # A light prefill: every worker aggregated (each prefills what it decodes).
+    assert planner.need(load(0.1, 20.0)).counts == (0, 0, 4)
     assert planner.need(load(20.0, 0.3)).counts == (3, 0, 1)
     assert planner.need(load(3.0, 3.0)).counts == (2, 2, 0)  # both heavy: shared
 
@@ -73,9 +74,9 @@ def test_steady_load_near_a_boundary_keeps_steady_counts():
     assert all(d.prefill == 3 for d in decisions[2:])  # the band keeps it: no flapping
 
 
-def test_two_workers_follow_the_phases_through_a_both_worker():
-    """The 2-core budget: the light phase rides on an aggregated worker; its work still counts
-    (as shared demand) once no dedicated worker of that phase is left to measure it."""
+def test_two_workers_follow_the_phases_through_both_workers():
+    """The 2-core budget: long outputs make both workers aggregated, long prompts 1P + 1both;
+    "both" workers' work counts (as shared demand) with no dedicated worker left to measure."""
     policy = PlannerPolicy(max_workers=2, scale_down_after_s=30, cooldown_s=10)
     planner = Planner(policy)
 
@@ -88,16 +89,19 @@ def test_two_workers_follow_the_phases_through_a_both_worker():
         return planner.observe(Signals(now, prefill, decode, p, d, b))
 
     assert tick(0, 1, 1, 0, phase(1, 0.5, 1000), phase(1, 0.5, 100)).counts == (1, 1, 0)
-    # Long outputs: decode needs 1.5 workers, prefill 0.2: one worker becomes "both".
+    # Long outputs: decode needs 1.5 workers, prefill 0.2: both workers aggregated, at once.
     out = tick(1, 1, 1, 0, phase(1, 0.2, 1000), phase(1, 1.5, 100))
-    assert (out.counts, out.action) == ((0, 1, 1), "rebalance")
-    # Steady in that shape: prefill is now measured only through the both worker's share.
-    steady = [tick(t, 0, 1, 1, phase(0, 0, 1000, shared=0.2), phase(1, 0.75, 100, shared=0.75))
+    assert (out.counts, out.action) == ((0, 0, 2), "rebalance")
+    # Steady in that shape, measured only through the both workers' shares: no change.
+    steady = [tick(t, 0, 0, 2, phase(0, 0, 1000, shared=0.2), phase(0, 0, 100, shared=1.5))
               for t in range(2, 60)]  # fmt: skip
-    assert all(d.counts == (0, 1, 1) for d in steady)
-    # Long prompts: 1.6 workers of prefill (all on the both worker), decode light.
-    long = tick(60, 0, 1, 1, phase(0, 0, 1000, shared=1.6), phase(1, 0.1, 100, shared=0.1))
-    assert (long.counts, long.action) == ((1, 0, 1), "rebalance")
+    assert all(d.counts == (0, 0, 2) for d in steady)
+    # Long prompts: 1.6 workers of prefill, decode light. Two workers already prefill, so
+    # nothing is short: the move to 1P + 1both waits out --scale-down-after-s.
+    long = [tick(t, 0, 0, 2, phase(0, 0, 1000, shared=1.6), phase(0, 0, 100, shared=0.1))
+            for t in range(60, 100)]  # fmt: skip
+    moved = [d for d in long if d.action != "hold"]
+    assert [d.counts for d in moved] == [(1, 0, 1)] and long[-1].counts == (1, 0, 1)
 
 
 def test_policy_bounds():

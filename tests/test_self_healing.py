@@ -207,3 +207,49 @@ def test_a_live_decode_worker_switches_to_prefill_without_reloading_or_losing_a_
         assert_decode_pools_full(stack, "prefill")
     finally:
         stack.stop()
+
+
+def test_switching_the_only_prefill_worker_to_both_fails_no_request(checkpoints):
+    import asyncio
+    import threading
+
+    import httpx
+    import nats
+
+    from disagg.shared.protocol.codec import decode_reply, encode
+    from disagg.shared.protocol.messages import RoleReply, RoleRequest
+    from tests.test_services import blocks
+
+    stack = Up(model(checkpoints), "--prefill", "1", "--decode", "1")
+    try:
+        (prefill,) = blocks(stack.metrics(), "total", "prefill")
+        statuses: list[int] = []
+
+        def load() -> None:  # requests before, during and after the switch
+            for i in range(30):
+                body = {"prompt": [5 + i, 6, 7, 8], "max_tokens": 4, "ignore_eos": True}
+                r = httpx.post(stack.base_url + "/v1/completions", json=body, timeout=60)
+                statuses.append(r.status_code)
+                time.sleep(0.05)
+
+        sender = threading.Thread(target=load)
+        sender.start()
+        time.sleep(0.3)
+
+        async def switch() -> RoleReply:
+            nc = await nats.connect(stack.nats_url)
+            try:
+                msg = await nc.request(f"disagg.worker.{prefill}.role",
+                                       encode(RoleRequest(role="both")), timeout=10)  # fmt: skip
+                return decode_reply(RoleReply, msg.data)
+            finally:
+                await nc.close()
+
+        assert asyncio.run(switch()).switching
+        sender.join(120)
+        assert statuses == [200] * 30  # held while no prefill worker was there, never refused
+        wait_until(lambda: health(stack)["workers"] == {"both": 1, "decode": 1}, timeout=10,
+                   what="one aggregated and one decode worker")  # fmt: skip
+        assert_decode_pools_full(stack)
+    finally:
+        stack.stop()

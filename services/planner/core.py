@@ -12,9 +12,10 @@ counts back (``Decision``). The need of each phase:
   more while placements are held or KV usage is above ``--kv-high-watermark``.
 
 The budget (``--max-workers``) caps the sum. When both needs do not fit and one phase is light
-(at most half a worker's worth), that phase rides on an aggregated ("both") worker, which also
-serves the heavy phase: on 2 workers, 1 decode + 1 both for long outputs, 1 prefill + 1 both for
-long prompts. Otherwise the budget is shared in proportion to the needs, at least one each.
+(at most half a worker's worth), aggregated ("both") workers carry it: for long outputs every
+worker is "both" (each decodes and prefills its own prompts: an aggregated worker never
+prefills for another), for long prompts one "both" worker decodes and the rest prefill.
+Otherwise the budget is shared in proportion to the needs, at least one each.
 A "both" worker's work counts toward each phase's demand; capacities come from dedicated
 workers (the last measured when none runs). Changes are damped: more workers are granted at
 once (a violated SLO costs now), fewer only after the lower need held
@@ -184,9 +185,9 @@ class Planner:
         budget = self.policy.max_workers
         if p + d <= budget:
             return (p, d, 0)
-        if p_busy <= LIGHT < d_busy:
-            return (0, budget - 1, 1)
-        if d_busy <= LIGHT < p_busy:
+        if p_busy <= LIGHT < d_busy:  # every worker decodes; prompts prefill where they decode
+            return (0, 0, budget)
+        if d_busy <= LIGHT < p_busy:  # one decodes (and prefills too), the rest prefill
             return (budget - 1, 0, 1)
         return (*self._fit(p, d), 0)
 

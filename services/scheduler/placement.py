@@ -179,15 +179,14 @@ def _candidates(table: WorkerTable, role: Role, request: PlaceInput) -> list[Wor
 
 
 def _remote_prefills(prefills: list[WorkerState], decode: WorkerState) -> list[WorkerState]:
-    """Prefill workers that can push KV into ``decode``; for a "both" decode worker only
-    dedicated ones (another aggregated worker would be no faster than prefilling locally), which
-    also keeps a worker from being paired with itself."""
+    """Dedicated prefill workers that can push KV into ``decode``. An aggregated ("both")
+    worker never prefills for another worker: it serves admits, not prefill jobs."""
     return [
         p
         for p in prefills
         if p.report.fingerprint == decode.report.fingerprint
         and p.report.block_size == decode.report.block_size
-        and not (decode.can_prefill and p.can_decode)
+        and not p.can_decode
     ]
 
 
