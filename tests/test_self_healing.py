@@ -121,10 +121,9 @@ def test_disagg_up_sigkilled_leaves_no_child_and_starts_again_on_its_ports(up, c
     children = [pid_of(up, name) for name in up.pids]
     up.proc.send_signal(signal.SIGKILL)
     up.proc.wait(10)
-    killed = time.monotonic()
+    # PR_SET_PDEATHSIG: the kernel kills them with their parent; the bound is 5 s.
     wait_until(lambda: not any(alive(pid) for pid in children), timeout=5,
                what="every child gone")  # fmt: skip
-    assert time.monotonic() - killed <= 5
     again = Up(model(checkpoints), "--prefill", "1", "--decode", "2", ports=(up.port, up.nats_port))
     try:
         assert healthy(again)
