@@ -106,11 +106,13 @@ class WorkerTable:
 
     def coming(self, role: Role) -> list[WorkerState]:
         """Draining workers switching to a role that serves ``role``: back soon, for it."""
-        serves = {Role.PREFILL: (Role.PREFILL, Role.BOTH), Role.DECODE: (Role.DECODE, Role.BOTH)}
-        return [
-            s for s in self.workers()
-            if s.report.draining and s.report.switching_to in serves[Role(role)]
-        ]  # fmt: skip
+
+        def serves(next_role: Role | None) -> bool:
+            return next_role is not None and (
+                Role(next_role).prefills if Role(role) is Role.PREFILL else Role(next_role).decodes
+            )
+
+        return [s for s in self.workers() if s.report.draining and serves(s.report.switching_to)]
 
     def workers(self) -> list[WorkerState]:
         """Every known worker, draining ones included, sorted by id."""
@@ -158,9 +160,9 @@ class OwnOutage:
         self._is_connected, self._was_down = is_connected, False
 
     def down(self) -> bool:
-        if not self._is_connected():
-            self._was_down = True
-        return not self._is_connected()
+        down = not self._is_connected()
+        self._was_down |= down
+        return down
 
     def just_back(self) -> bool:
         back, self._was_down = self._was_down, False

@@ -151,12 +151,9 @@ class Backend:
 
     def can_serve(self) -> bool:
         """At least one worker can prefill and one can decode (a "both" worker does both)."""
-        workers = self.alive_workers()
-        alive = [w for w in workers if not w.report.draining]
-        coming = [w.report.switching_to for w in workers if w.report.switching_to is not None]
-        prefill = any(w.can_prefill for w in alive) or any(r != Role.DECODE for r in coming)
-        decode = any(w.can_decode for w in alive) or any(r != Role.PREFILL for r in coming)
-        return prefill and decode  # a worker switching role counts as its next one
+        self.expire()
+        table = self.peers.table  # a worker switching role counts as its next one
+        return all(table.alive(r) or table.coming(r) for r in (Role.PREFILL, Role.DECODE))
 
     # -- one request ------------------------------------------------------------------------
 
