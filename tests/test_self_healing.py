@@ -252,3 +252,41 @@ def test_switching_the_only_prefill_worker_to_both_fails_no_request(checkpoints)
         assert_decode_pools_full(stack)
     finally:
         stack.stop()
+
+
+def test_a_switch_whose_drain_times_out_moves_what_it_holds(checkpoints, monkeypatch):
+    import asyncio
+
+    import nats
+
+    from disagg.shared.protocol.codec import decode_reply, encode
+    from disagg.shared.protocol.messages import RoleReply, RoleRequest
+    from tests.test_services import blocks
+
+    monkeypatch.setenv("DISAGG_DRAIN_TIMEOUT_S", "0.5")  # every service: drains cut short
+    stack = Up(model(checkpoints), "--prefill", "1", "--decode", "2")
+    try:
+        decodes = sorted(blocks(stack.metrics(), "total", "decode"))
+        ps = prompts(4, 8, 51)
+        reference = Streams(stack.base_url, ps, 2000).results()
+        streams = Streams(stack.base_url, ps, 2000)
+        streams.wait_started(5)
+
+        async def switch() -> RoleReply:
+            nc = await nats.connect(stack.nats_url)
+            try:
+                msg = await nc.request(f"disagg.worker.{decodes[0]}.role",
+                                       encode(RoleRequest(role="prefill")), timeout=10)  # fmt: skip
+                return decode_reply(RoleReply, msg.data)
+            finally:
+                await nc.close()
+
+        assert asyncio.run(switch()).switching
+        assert streams.results() == reference  # moved mid-stream, tokens unchanged
+        assert events(stack, "switch_moved", worker_id=decodes[0])
+        wait_until(lambda: health(stack)["workers"] == {"decode": 1, "prefill": 2},
+                   timeout=10, what="the switched worker back as prefill")  # fmt: skip
+        assert_decode_pools_full(stack)
+        assert_decode_pools_full(stack, "prefill")
+    finally:
+        stack.stop()

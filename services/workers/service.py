@@ -25,7 +25,7 @@ from disagg.services.workers.loop import ComputeLoop
 from disagg.shared.cluster import Leases
 from disagg.shared.engine.runtime import Runtime, build_runtime, tty_progress
 from disagg.shared.log import get_logger
-from disagg.shared.protocol.codec import Message, decode, encode, error_reply
+from disagg.shared.protocol.codec import ErrorBody, Message, decode, encode, error_reply
 from disagg.shared.protocol.messages import (
     AbortReply,
     AbortRequest,
@@ -33,6 +33,7 @@ from disagg.shared.protocol.messages import (
     Heartbeat,
     RoleReply,
     RoleRequest,
+    StreamChunk,
 )
 from disagg.shared.protocol.types import MessageError, Role, new_worker_id
 from disagg.shared.service import connect_nats, guarded, publish, sleep_unless
@@ -219,12 +220,23 @@ class WorkerService(abc.ABC):
         return encode(RoleReply(worker_id=self.worker_id, role=self.next_role, switching=True))
 
     async def _abort_leftovers(self) -> None:
-        """A switch whose drain timed out: what is still held ends here (its gateway moves it),
-        so the next role starts on an empty engine and a full pool."""
-        for request_id in list(self.gateways):
+        """A switch whose drain timed out: each request still held gets a retryable error (its
+        gateway moves it elsewhere with the tokens it has) and is aborted here, so the next
+        role starts on an empty engine and a full pool. Its gateway is forgotten first: the
+        abort's own output then goes nowhere."""
+        leftovers = list(self.gateways.items())
+        for request_id, gateway_id in leftovers:
+            del self.gateways[request_id]
+            chunk = StreamChunk(
+                request_id=request_id, worker_id=self.worker_id, index=0, token_ids=[],
+                finish_reason=None, num_prompt_tokens=0, num_cached_tokens=0,
+                error=ErrorBody(message="the worker is switching role", type="service_unavailable",
+                                code=503),
+            )  # fmt: skip
+            await publish(self.nc, self.subjects.stream(gateway_id, request_id), encode(chunk))
             await self.loop.call(self.core.abort, request_id)
-        await self.loop.call(self.core.step)  # collect the aborts (their outputs are dropped)
-        self.gateways.clear()
+        if leftovers:
+            log.warning("switch_moved", worker_id=self.worker_id, requests=len(leftovers))
 
     async def _on_abort(self, msg: Msg) -> bytes:
         req = decode(AbortRequest, msg.data)
