@@ -24,6 +24,9 @@ class RoleConfig:
     nats: NatsConfig = group(NatsConfig)
     namespace: str = option("disagg", help="subject prefix of the deployment")
     timeout_s: float = option(10.0, help="bound on connecting and on the worker's answer")
+    drain_s: float | None = option(
+        None, help="bound on its drain; then its requests move on (default: its own bound)"
+    )
 
 
 def add_role_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +44,7 @@ def run_role(args: argparse.Namespace) -> int:
         async with asyncio.timeout(cfg.timeout_s):
             nc = await connect_nats(cfg.nats, "disagg-role")
         try:
-            body = encode(RoleRequest(role=args.role))
+            body = encode(RoleRequest(role=args.role, drain_s=cfg.drain_s))
             msg = await nc.request(subject, body, timeout=cfg.timeout_s)
             return decode_reply(RoleReply, msg.data)
         finally:

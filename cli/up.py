@@ -7,6 +7,12 @@ stack is up (any role, the scheduler, the gateway, the embedded nats-server) is 
 exponential backoff; a crash loop stops restarting that child and the rest keeps serving
 (`supervisor`). Every child dies with `disagg up`, however it ends.
 
+With ``--autoscale`` it also runs the planner (`disagg planner --act-roles`, its budget the
+workers started here): as the load moves between long prompts and long outputs, it switches
+live workers between prefill, decode and aggregated, one at a time (``--planner-*`` flags: its
+SLOs and damping). Start it in disagg mode: dedicated workers are what measure each phase's
+capacity.
+
 Secrets (NATS user/password or token, API keys) reach the children in their environment, never
 on a command line (`ps` shows those). With NATS credentials and no `--nats`, the embedded
 nats-server is started requiring them.
@@ -31,8 +37,9 @@ from typing import Literal
 from disagg.cli.procs import Child, NatsServer, disagg_command, free_port, nats_cluster
 from disagg.cli.supervisor import RestartPolicy, Supervisor
 from disagg.cli.tiny import TinySpec, write_tiny_checkpoint
+from disagg.services.planner.core import PlannerPolicy
 from disagg.services.workers.config import parse_cpus
-from disagg.shared.config import env_name, group, option
+from disagg.shared.config import env_name, group, option, to_flags
 from disagg.shared.log import configure_logging, get_logger
 from disagg.shared.model.args import DTYPE_CHOICES
 from disagg.shared.protocol.types import DEFAULT_BLOCK_SIZE
@@ -58,6 +65,11 @@ class UpConfig:
     mode: Literal["disagg", "agg"] = option("disagg", help="disaggregated or aggregated workers")
     prefill: int = option(1, help="prefill workers (disagg mode)")
     decode: int = option(1, help="decode workers (or aggregated workers)")
+    both: int = option(0, help="aggregated workers beside the prefill and decode ones (disagg)")
+    autoscale: bool = option(
+        False, help="run the planner: it switches the workers' roles to follow the load"
+    )
+    planner: PlannerPolicy = group(PlannerPolicy, "planner-")  # max-workers: the workers here
     dtype: DTYPE_CHOICES = option("auto", help="weights and KV dtype")
     kv_memory_gb: float = option(0.5, help="KV cache per worker")
     block_size: int = option(DEFAULT_BLOCK_SIZE, help="tokens per KV block")
@@ -69,10 +81,14 @@ class UpConfig:
     restart: RestartPolicy = group(RestartPolicy)
 
     def __post_init__(self) -> None:
-        if self.prefill < 0 or self.decode < 1:
-            raise ValueError("--prefill must be >= 0 and --decode >= 1")
-        if self.mode == "disagg" and self.prefill < 1:
-            raise ValueError("disagg mode needs --prefill >= 1")
+        if min(self.prefill, self.decode, self.both) < 0:
+            raise ValueError("--prefill, --decode and --both must be >= 0")
+        if self.mode == "agg" and (self.decode < 1 or self.both):
+            raise ValueError("agg mode takes --decode N (aggregated workers), no --both")
+        if self.mode == "disagg" and (self.prefill < 1 or self.decode + self.both < 1):
+            raise ValueError("disagg mode needs --prefill >= 1 and --decode + --both >= 1")
+        if self.autoscale and len(worker_roles(self)) < 2:
+            raise ValueError("--autoscale moves roles between workers: start two or more")
         if self.cpus is not None:
             parse_cpus(self.cpus)
         if not 1 <= self.nats_cluster <= 9:
@@ -97,7 +113,7 @@ ROLES = ("prefill", "decode", "worker")
 def worker_roles(cfg: UpConfig) -> list[str]:
     if cfg.mode == "agg":
         return ["worker"] * cfg.decode
-    return ["prefill"] * cfg.prefill + ["decode"] * cfg.decode
+    return ["prefill"] * cfg.prefill + ["decode"] * cfg.decode + ["worker"] * cfg.both
 
 
 class Stack:
@@ -139,8 +155,15 @@ class Stack:
             if cpus:
                 argv += ["--cpus", str(cpus[i % len(cpus)])]
             self._spawn(f"{role}-{i}", argv)
+        roles = worker_roles(self.args)
+        if self.args.autoscale:
+            policy = replace(self.args.planner, max_workers=len(roles))
+            planner = ["planner", *common, "--act-roles", "--metrics-port", "0"]
+            self._spawn("planner", planner + to_flags(policy))
         gateway = ["gateway", *common, "--model", str(self.model), "--host", self.args.host]
-        expect = ",".join(f"{r}={n}" for r, n in Counter(worker_roles(self.args)).items())
+        expect = ",".join(f"{r}={n}" for r, n in Counter(roles).items())
+        if self.args.autoscale:  # roles change: only the count of workers is fixed
+            expect = f"any={len(roles)}"
         gateway += ["--port", str(self.args.port), "--expect-workers", expect]
         self._spawn("gateway", gateway)
 
@@ -292,7 +315,8 @@ def _serve(args: UpConfig, stack: Stack, model: Path, stop: threading.Event) -> 
     wait_ready(base, stack, args.ready_timeout_s)
     roles = ", ".join(f"{c.name} (pid {c.pid})" for c in [*stack.nats_children, *stack.children])
     nats = ",".join(redact_url(url) for url in stack.nats_url.split(","))
-    print(f"disagg is serving {model} at {base}/v1 ({args.mode} mode; NATS {nats})")
+    mode = args.mode + (" mode, autoscaled" if args.autoscale else " mode")
+    print(f"disagg is serving {model} at {base}/v1 ({mode}; NATS {nats})")
     print(f"processes: {roles}", flush=True)
     sup, now = Supervisor(args.restart), time.monotonic()
     for name in [c.name for c in [*stack.nats_children, *stack.children]]:

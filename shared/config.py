@@ -99,6 +99,25 @@ def from_args(cls: type[C], args: argparse.Namespace, prefix: str = "", **fixed:
     return cls(**values, **fixed)
 
 
+def to_flags(config: Any, prefix: str = "") -> list[str]:
+    """The flags that rebuild ``config`` where it differs from the defaults (a child process's
+    command line; secrets are left out: they travel in the environment)."""
+    argv: list[str] = []
+    for item in _flags(type(config), prefix):
+        if isinstance(item, tuple):
+            argv += to_flags(getattr(config, item[0]), item[2])
+            continue
+        value, default = getattr(config, item.field.name), item.field.default
+        if value == default or item.field.metadata["option"]["secret"]:
+            continue
+        if isinstance(value, bool):
+            argv.append(item.flag if value else "--no-" + item.flag.removeprefix("--"))
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            argv += [item.flag, text]
+    return argv
+
+
 def _add_flag(parser: argparse.ArgumentParser, flag: _Flag) -> None:
     meta, default = flag.field.metadata["option"], flag.field.default
     base = _base_type(flag.hint)

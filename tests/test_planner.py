@@ -189,3 +189,79 @@ def test_the_service_publishes_decisions_and_metrics_from_heartbeats(tmp_path):
     finally:
         planner.stop()
         server.stop()
+
+
+def test_nothing_measured_keeps_the_shape_that_runs():
+    """Idle (no rates in the window): two aggregated workers stay aggregated, past the
+    scale-down delay, instead of being reshaped by a guess."""
+    planner = Planner(PlannerPolicy(max_workers=2, scale_down_after_s=5, cooldown_s=1))
+    idle = PhaseRates(0, 0.0, 0.0, 0.0)
+    out = [planner.observe(Signals(t, idle, idle, 0, 0, 2)) for t in range(30)]
+    assert {d.counts for d in out} == {(0, 0, 2)} and {d.action for d in out} == {"hold"}
+
+
+def views(*roles: str, draining: str = "", running: dict | None = None):
+    from disagg.services.planner.roles import WorkerView
+    from disagg.shared.protocol.types import Role
+
+    running = running or {}
+    return [WorkerView(f"w{i}", Role(r), f"w{i}" in draining.split(), running.get(f"w{i}", 0))
+            for i, r in enumerate(roles)]  # fmt: skip
+
+
+def test_the_role_actuator_switches_one_worker_at_a_time_keeping_service():
+    from disagg.services.planner.roles import RoleActuator, Switch, serves
+    from disagg.shared.protocol.types import Role
+
+    act = RoleActuator(timeout_s=30)
+    assert act.plan((1, 1, 0), views("prefill", "decode"), 0) is None  # already there
+    # 1P + 1D -> two aggregated: neither alone serves while the other switches, so the less
+    # loaded worker goes first.
+    first = act.plan((0, 0, 2), views("prefill", "decode", running={"w0": 9, "w1": 0}), 0)
+    assert first == Switch("w1", Role.BOTH)
+    act.sent(first, 0)
+    # Under way (draining, then back under the old role's last heartbeat): nothing more.
+    assert act.plan((0, 0, 2), views("prefill", "decode", draining="w1"), 1) is None
+    assert act.plan((0, 0, 2), views("prefill", "decode"), 2) is None
+    assert act.plan((0, 0, 2), views("prefill"), 3) is None  # its heartbeat missed
+    # Done once it shows the new role: the next switch.
+    assert act.plan((0, 0, 2), views("prefill", "both"), 4) == Switch("w0", Role.BOTH)
+    # Of three, the switch that leaves the others serving goes first, loaded or not.
+    three = views("prefill", "decode", "decode", running={"w0": 0, "w1": 5, "w2": 7})
+    assert RoleActuator(30).plan((0, 1, 2), three, 0) == Switch("w1", Role.BOTH)
+    # Two both workers -> 1P + 1both: the less loaded one prefills.
+    act = RoleActuator(timeout_s=30)
+    two = views("both", "both", running={"w0": 5, "w1": 2})
+    assert act.plan((1, 0, 1), two, 0) == Switch("w1", Role.PREFILL)
+    # Another worker draining (SIGTERM): wait. A switch not seen within the timeout: go on.
+    assert act.plan((1, 0, 1), views("both", "both", draining="w0"), 0) is None
+    act.sent(Switch("w1", Role.PREFILL), 0)
+    assert act.plan((1, 0, 1), two, 10) is None
+    assert act.plan((1, 0, 1), two, 31) == Switch("w1", Role.PREFILL)
+    # Fewer desired than live: the extra workers keep their roles.
+    assert RoleActuator(30).plan((1, 1, 0), views("prefill", "decode", "decode"), 0) is None
+    assert serves(views("both")) and serves(views("prefill", "decode"))
+    assert not serves(views("prefill")) and not serves(views("decode", "both", draining="w1"))
+
+
+def test_disagg_up_hands_the_planner_its_policy_as_flags():
+    """`disagg up --autoscale` passes the planner the flags that differ from its defaults and
+    its own worker count as the budget; --both adds aggregated workers to a disagg stack."""
+    import argparse
+
+    from disagg.cli.up import UpConfig, worker_roles
+    from disagg.services.planner.config import PlannerConfig
+    from disagg.shared.config import add_flags, from_args, to_flags
+
+    policy = PlannerPolicy(max_workers=3, cooldown_s=2.5, itl_slo_ms=80)
+    parser = argparse.ArgumentParser()
+    add_flags(parser, PlannerConfig)
+    argv = to_flags(policy) + ["--act-roles"]
+    assert argv[:2] == ["--itl-slo-ms", "80"] and "--ttft-slo-ms" not in argv
+    cfg = from_args(PlannerConfig, parser.parse_args(argv))
+    assert cfg.policy == policy and cfg.act_roles
+    assert worker_roles(UpConfig(prefill=1, decode=0, both=1)) == ["prefill", "worker"]
+    with pytest.raises(ValueError, match="--decode \\+ --both"):
+        UpConfig(prefill=1, decode=0)
+    with pytest.raises(ValueError, match="two or more"):
+        UpConfig(mode="agg", decode=1, autoscale=True)

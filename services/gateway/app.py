@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from disagg.services.gateway import schema
+from disagg.services.gateway.config import ANY_ROLE
 from disagg.services.gateway.metrics import GatewayMetrics
 from disagg.services.gateway.openai.errors import (
     APIError,
@@ -187,8 +188,10 @@ def _info_routes(app: FastAPI, gateway, metrics: GatewayMetrics) -> None:
         if not gateway.backend.can_serve():
             return error_response(service_unavailable("no worker can serve a request right now"))
         live = Counter(str(w.report.role) for w in gateway.backend.alive_workers())
+        live[ANY_ROLE] = live.total()
         short = sorted(r for r, n in gateway.expected_workers.items() if live[r] < n)
-        body = {"status": "degraded" if short else "ok", "workers": dict(sorted(live.items()))}
+        workers = {r: n for r, n in sorted(live.items()) if r != ANY_ROLE}
+        body = {"status": "degraded" if short else "ok", "workers": workers}
         return JSONResponse(body | ({"degraded": short} if short else {}))
 
     @app.get(

@@ -10,6 +10,8 @@ from disagg.shared.protocol.messages import MAX_FORKS
 from disagg.shared.protocol.types import Role, check_id
 from disagg.shared.service import ServiceConfig
 
+ANY_ROLE = "any"
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -62,8 +64,8 @@ class GatewayConfig:
     api_key: tuple[str, ...] = option((), help="required Bearer key(s), comma separated",
                                       secret=True)  # fmt: skip
     expect_workers: str | None = option(
-        None, help="live workers the stack should have, e.g. prefill=1,decode=2 (or both=2): "
-        "/health says which roles are short (degraded)",
+        None, help="live workers the stack should have, e.g. prefill=1,decode=2 (or both=2; "
+        "any=2 counts every role): /health says which are short (degraded)",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -80,12 +82,13 @@ class GatewayConfig:
         self.expected_workers()  # raises on a bad spec
 
     def expected_workers(self) -> dict[str, int]:
-        """--expect-workers as {role: count} ("worker", as `disagg up` names it, is "both")."""
+        """--expect-workers as {role: count} ("worker", as `disagg up` names it, is "both";
+        "any" counts workers of every role: roles that switch)."""
         expected: dict[str, int] = {}
         for item in filter(None, (self.expect_workers or "").split(",")):
             role, _, count = item.partition("=")
             role = {"worker": "both"}.get(role.strip(), role.strip())
-            if role not in {r.value for r in Role} or not count.strip().isdigit():
+            if role not in {r.value for r in Role} | {ANY_ROLE} or not count.strip().isdigit():
                 raise ValueError(f"--expect-workers: {item!r} is not role=count")
             expected[role] = int(count)
         return expected

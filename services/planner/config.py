@@ -22,12 +22,18 @@ class PlannerConfig:
     k8s_namespace: str | None = option(
         None, help="act: set the prefill/decode Deployments' replicas in this namespace"
     )
+    act_roles: bool = option(
+        False, help="act: switch live workers' roles to the desired counts (a fixed budget)"
+    )
+    role_drain_s: float = option(2.0, help="a switching worker's drain; then its requests move")
     k8s_prefill: str = option("disagg-prefill", help="the prefill workers' Deployment")
     k8s_decode: str = option("disagg-decode", help="the decode workers' Deployment")
 
     def __post_init__(self) -> None:
         if self.id is not None:
             check_id("--id", self.id)
-        for name in ("rate_window_s", "interval_s"):
+        if self.act_roles and self.k8s_namespace is not None:
+            raise ValueError("--act-roles and --k8s-namespace are two actuators: choose one")
+        for name in ("rate_window_s", "interval_s", "role_drain_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

@@ -35,6 +35,7 @@ from disagg.shared.rates import PhaseRates
 
 DOWN_BAND = 0.15  # utilization below the target a smaller count must reach to be chosen
 LIGHT = 0.5  # busy workers' worth a phase may need and still ride on a "both" worker
+UNMEASURED = "not measured"
 Action = Literal["hold", "scale_up", "scale_down", "rebalance"]
 Counts = tuple[int, int, int]  # prefill, decode, both
 
@@ -124,6 +125,8 @@ class Planner:
         util = utilization or self.policy.target_utilization
         (p, p_busy), p_why = self._prefill_need(s, util)
         (d, d_busy), d_why = self._decode_need(s, util)
+        if p_why == d_why == UNMEASURED:  # nothing to go by: keep the shape that runs
+            return Need(s.prefill_workers, s.decode_workers, UNMEASURED, s.both_workers)
         counts = self._shape(p, d, p_busy, d_busy)
         why = f"prefill {p} ({p_why}), decode {d} ({d_why})"
         return Need(*counts[:2], why, counts[2])
@@ -208,7 +211,7 @@ class Planner:
         workers = max(1, s.prefill_workers + s.both_workers)
         needed, cap = self._rate("prefill", s.prefill)
         if needed is None:  # nothing measured in the window: keep what runs
-            return (workers, 1.0), "not measured"
+            return (workers, 1.0), UNMEASURED
         n, why = math.ceil(needed / util), f"{needed:.2f} busy"
         if s.queued_prefill_tokens and cap:
             drain_s = self.policy.ttft_slo_ms / 1000 / 2
@@ -222,7 +225,7 @@ class Planner:
         workers = max(1, s.decode_workers + s.both_workers)
         needed, cap = self._rate("decode", s.decode)
         if needed is None:
-            n, why, needed = workers, "not measured", 1.0
+            n, why, needed = workers, UNMEASURED, 1.0
         else:
             n, why = max(1, math.ceil(needed / util)), f"{needed:.2f} busy"
         if cap and s.decode_running:

@@ -2,8 +2,10 @@
 schedulers' stats say into desired prefill and decode worker counts (``core.Planner``),
 publishes them as a ``PlannerDecision`` and exports them on its own Prometheus endpoint:
 ``disagg:planner_desired_workers{role}``, ``disagg:workers{role}`` (live, by heartbeat) and
-``disagg:planner_decisions_total{action}``. With ``--k8s-namespace`` it also sets the prefill
-and decode Deployments' replicas (``k8s``); other actuators follow the published decisions.
+``disagg:planner_decisions_total{action}``. Two actuators: ``--k8s-namespace`` sets the prefill
+and decode Deployments' replicas (``k8s``); ``--act-roles`` switches live workers' roles, one
+at a time (``roles``; a fixed budget, as `disagg up --autoscale` runs). Other actuators can
+follow the published decisions.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ from prometheus_client import Counter as PromCounter
 from disagg.services.planner.config import PlannerConfig
 from disagg.services.planner.core import Decision, Planner, Signals
 from disagg.services.planner.k8s import KubernetesScaler, Targets, actuate
+from disagg.services.planner.roles import RoleActuator, WorkerView
 from disagg.shared.cluster import PeerWatch
 from disagg.shared.log import get_logger
-from disagg.shared.protocol.codec import decode, encode
-from disagg.shared.protocol.messages import Heartbeat, PlannerDecision, SchedulerStats
+from disagg.shared.protocol.codec import ErrorReply, decode, decode_reply, encode
+from disagg.shared.protocol.messages import (
+    Heartbeat,
+    PlannerDecision,
+    RoleReply,
+    RoleRequest,
+    SchedulerStats,
+)
 from disagg.shared.protocol.types import MessageError, Role, new_request_id
 from disagg.shared.rates import RateEstimator
 from disagg.shared.service import connect_nats, publish, run_service, sleep_unless
@@ -38,6 +47,10 @@ class PlannerMetrics:
         self.live = Gauge("disagg:workers", "Live workers, by heartbeat.", by_role, registry=reg)
         self.decisions = PromCounter(
             "disagg:planner_decisions", "Planner decisions (hold included).", ("action",),
+            registry=reg,
+        )  # fmt: skip
+        self.switches = PromCounter(
+            "disagg:planner_role_switches", "Role switches asked of workers.", ("role",),
             registry=reg,
         )  # fmt: skip
 
@@ -63,6 +76,8 @@ class PlannerService:
         if cfg.k8s_namespace is not None:
             self.scaler = KubernetesScaler(cfg.k8s_namespace)
             self.targets = Targets(cfg.k8s_prefill, cfg.k8s_decode)
+        # a switch is over within its drain, a shell restart and a few heartbeats
+        self.roles = RoleActuator(cfg.role_drain_s + 30.0) if cfg.act_roles else None
 
     async def run(self, stop) -> None:
         service = self.cfg.service
@@ -84,6 +99,8 @@ class PlannerService:
             await publish(nc, self.subjects.planner_decision, encode(message))
             if self.scaler is not None:
                 await self._actuate(decision)
+            if self.roles is not None:
+                await self._switch_roles(nc, decision)
             await sleep_unless(stop, self.cfg.interval_s)
         await nc.drain()
 
@@ -108,7 +125,10 @@ class PlannerService:
             decode_kv_usage=max((s.decode_kv_usage for s in stats), default=0.0),
             held=sum(s.held for s in stats),
         )
-        decision = self.planner.observe(signals)
+        if not workers and self.planner.desired is None:  # nothing heard yet: nothing to keep
+            decision = Decision(0, 0, "hold", "no live worker yet")
+        else:
+            decision = self.planner.observe(signals)
         self.metrics.observe(decision, live)
         if decision.action != "hold":
             d = decision
@@ -125,6 +145,31 @@ class PlannerService:
             )
         except Exception as err:  # the API server down or RBAC missing: keep planning
             log.warning("k8s_scale_failed", error=f"{type(err).__name__}: {err}"[:300])
+
+    async def _switch_roles(self, nc, decision: Decision) -> None:
+        """Ask one worker to switch, when the live roles differ from the decision's."""
+        workers = [
+            WorkerView(w.worker_id, w.report.role, w.report.draining, w.report.running)
+            for w in self.watch.table.workers()
+        ]
+        switch = self.roles.plan(decision.counts, workers, time.monotonic())
+        if switch is None:
+            return
+        body = encode(RoleRequest(role=switch.role, drain_s=self.cfg.role_drain_s))
+        try:
+            msg = await nc.request(self.subjects.role(switch.worker_id), body, timeout=5.0)
+            reply = decode_reply(RoleReply, msg.data)
+        except Exception as err:  # gone, or no answer: the next tick sees the table again
+            log.warning("role_switch_failed", worker_id=switch.worker_id, error=repr(err)[:300])
+            return
+        if isinstance(reply, ErrorReply):
+            log.warning("role_switch_refused", worker_id=switch.worker_id,
+                        error=reply.error.message)  # fmt: skip
+            return
+        self.roles.sent(switch, time.monotonic())
+        self.metrics.switches.labels(str(switch.role)).inc()
+        log.info("role_switch_asked", worker_id=switch.worker_id, role=switch.role,
+                 counts=decision.counts)  # fmt: skip
 
     async def _on_heartbeat(self, msg) -> None:
         try:

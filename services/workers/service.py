@@ -69,6 +69,7 @@ class WorkerService(abc.ABC):
         self.worker_id = cfg.id or new_worker_id(cfg.role)
         self.subjects = cfg.service.subjects
         self.next_role: Role | None = None  # set by a RoleRequest: run() returns to switch
+        self._drain_s: float | None = None  # its drain bound (None: --drain-timeout-s)
         if runtime is None:
             started = time.monotonic()
             runtime = build_runtime(cfg.runtime, tty_progress("loading weights"))
@@ -216,7 +217,9 @@ class WorkerService(abc.ABC):
         if (refused := self.refusal()) is not None:
             return refused
         self.next_role = Role(req.role)
-        log.info("role_switch", worker_id=self.worker_id, role=self.role, to=self.next_role)
+        self._drain_s = req.drain_s
+        log.info("role_switch", worker_id=self.worker_id, role=self.role, to=self.next_role,
+                 drain_s=req.drain_s)  # fmt: skip
         return encode(RoleReply(worker_id=self.worker_id, role=self.next_role, switching=True))
 
     async def _abort_leftovers(self) -> None:
@@ -301,7 +304,8 @@ class WorkerService(abc.ABC):
         """Refuse new work, finish what is held (bounded), then let run() return."""
         self.draining = True
         await publish(self.nc, self.subjects.heartbeat, encode(self._heartbeat()))
-        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        bound = self.cfg.drain_timeout_s if self._drain_s is None else self._drain_s
+        deadline = time.monotonic() + bound
         while self.core.has_work() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained", worker_id=self.worker_id, leftover=self.core.has_work())

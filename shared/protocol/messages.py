@@ -207,9 +207,12 @@ class JobReply(Message):
 
 class RoleRequest(Message):
     """Anyone -> worker: drain and go on as ``role``, on the weights and KV cache already
-    loaded (how a fixed core budget moves between the phases)."""
+    loaded (how a fixed core budget moves between the phases). ``drain_s`` bounds the drain
+    (default: the worker's ``--drain-timeout-s``); what is still running then moves to other
+    workers with the tokens it has (an autoscaler asks for a short drain)."""
 
     role: Role
+    drain_s: Seconds | None = None
 
 
 class RoleReply(Message):

@@ -1,0 +1,58 @@
+"""`disagg up --autoscale`: the planner switches live workers' roles as the load asks, one at a
+time, and no request fails or changes because of a switch (real processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cluster import wait_until
+from tests.test_failures import Streams, prompts
+from tests.test_self_healing import health, model
+from tests.test_services import Up, assert_decode_pools_full
+
+pytestmark = pytest.mark.slow
+TOKENS = 200
+
+
+def planner_events(logs, event: str) -> list[dict]:
+    lines = (logs / "planner.log").read_text().splitlines()
+    return [r for r in map(json.loads, filter(None, lines)) if r.get("event") == event]
+
+
+def test_long_outputs_turn_1p_1d_into_two_aggregated_workers_and_fail_nothing(
+    checkpoints, tmp_path
+):
+    """Decode-bound load on 1P + 1D: the planner asks for two aggregated workers; waves of
+    streams before, during and after the two switches all complete with the same tokens."""
+    stack = Up(model(checkpoints), "--prefill", "1", "--decode", "1", "--autoscale",
+               "--planner-cooldown-s", "1", "--planner-scale-down-after-s", "3",
+               log_dir=tmp_path)  # fmt: skip
+    batch = prompts(6, 8, seed=3)  # short prompts, long outputs: decode-bound
+    waves: list[Streams] = []
+    try:
+        assert health(stack)["workers"] == {"decode": 1, "prefill": 1}
+
+        def aggregated() -> bool:
+            waves.append(Streams(stack.base_url, batch, TOKENS))
+            for t in waves[-1].threads:
+                t.join(120)
+            return health(stack)["workers"] == {"both": 2}
+
+        wait_until(aggregated, timeout=120, what="both workers aggregated")
+        settled = Streams(stack.base_url, batch, TOKENS)  # the reference: no switch under way
+        for t in settled.threads:
+            t.join(120)
+        assert settled.errors == [None] * len(batch) and all(
+            len(t) == TOKENS for t in settled.tokens
+        )
+        for wave in waves:  # before, during and after each switch: the same greedy tokens
+            assert wave.errors == [None] * len(batch)
+            assert wave.tokens == settled.tokens
+        asked = planner_events(tmp_path, "role_switch_asked")
+        assert [e["role"] for e in asked] == ["both", "both"]  # one worker at a time
+        assert health(stack)["status"] == "ok"  # the count of workers is what it expects
+        assert_decode_pools_full(stack, "both")
+    finally:
+        stack.stop()
