@@ -320,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup(args: argparse.Namespace) -> Runtime:
     if args.cpus:
-        from disagg.services.workers.service import parse_cpus
+        from disagg.services.workers.config import parse_cpus
 
         os.sched_setaffinity(0, parse_cpus(args.cpus))
     torch.set_num_threads(args.threads)

@@ -56,3 +56,37 @@ def test_long_outputs_turn_1p_1d_into_two_aggregated_workers_and_fail_nothing(
         assert_decode_pools_full(stack, "both")
     finally:
         stack.stop()
+
+
+def test_moving_leftovers_skips_a_request_that_ended_meanwhile():
+    """A switch's leftovers are moved one by one, with awaits between: one that ends (or is
+    aborted) meanwhile is skipped, not a KeyError that kills the worker mid-switch (seen in
+    `disagg bench phased`: the worker exited with SIGABRT and its requests were retried)."""
+    import asyncio
+    from unittest import mock
+
+    from disagg.services.workers.service import WorkerService
+
+    class Shell(WorkerService):  # no role: only what _abort_leftovers touches
+        build_core = close_endpoints = messages_of = subscribe = None
+
+    shell = object.__new__(Shell)
+    shell.worker_id, shell.gateways = "decode-x", {"r1": "gw", "r2": "gw", "r3": "gw"}
+    shell.subjects = mock.Mock(stream=lambda gateway, request: f"s.{gateway}.{request}")
+    published, aborted = [], []
+
+    async def call(fn, request_id):
+        aborted.append(request_id)
+        shell.gateways.pop("r2", None)  # r2 finished while r1 was being moved
+
+    shell.loop = mock.Mock(call=call)
+    shell.core = mock.Mock()
+    shell.nc = mock.Mock()
+
+    async def publish(nc, subject, body):
+        published.append(subject)
+
+    with mock.patch("disagg.services.workers.service.publish", publish):
+        asyncio.run(shell._abort_leftovers())
+    assert aborted == ["r1", "r3"] and published == ["s.gw.r1", "s.gw.r3"]
+    assert shell.gateways == {}

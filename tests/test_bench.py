@@ -482,3 +482,64 @@ def test_bench_sweep_runs_both_modes_over_a_ladder(checkpoints, tmp_path):
     assert {p.name for p in tmp_path.glob("sweep-*.png")} == {
         "sweep-attainment-vs-rate.png", "sweep-attainment-vs-slo-scale.png",
     }  # fmt: skip
+
+
+def test_phased_trace_phases_late_changes_and_the_verdict():
+    from disagg.benchmarks.harness import phased
+
+    phases = phased.plan_phases(["prompts", "outputs"], 20.0)
+    assert [(p.kind, p.start_s, p.end_s) for p in phases] == [
+        ("prompts", 0.0, 20.0), ("outputs", 20.0, 40.0),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--phases"):
+        phased.plan_phases(["prompts", "bursts"], 20.0)
+    load = phased.PhaseLoad({"prompts": 100, "outputs": 4}, {"prompts": 2, "outputs": 50},
+                            {"prompts": 2.0, "outputs": 3.0})  # fmt: skip
+    trace = phased.phased_trace(phases, load, seed=1, vocab_size=256)
+    assert trace == phased.phased_trace(phases, load, seed=1, vocab_size=256)
+    first = [r for r in trace if r.kind == "prompts"]
+    second = [r for r in trace if r.kind == "outputs"]
+    assert all(r.arrival_s < 20 and (r.prompt_len, r.output_len) == (100, 2) for r in first)
+    assert all(20 <= r.arrival_s < 40 and (r.prompt_len, r.output_len) == (4, 50) for r in second)
+    assert [r.index for r in trace] == list(range(len(trace)))
+    assert 20 < len(first) < 60 and 30 < len(second) < 90  # ~40 and ~60 Poisson arrivals
+    # A switch at 4 s is early in phase 0; one at 30 s is in the last 15 s of phase 1.
+    timeline = {"w0": [(0.0, "decode"), (4.0, "switching"), (4.5, "both")],
+                "w1": [(0.0, "prefill"), (30.0, "switching"), (31.0, "both")]}  # fmt: skip
+    assert phased.late_changes(timeline, phases, 15.0) == {"0:prompts": 0, "1:outputs": 2}
+    ok = record(0.0, [(0.1, 1), (0.2, 1)], 0.2)
+    slow = record(25.0, [(30.0, 1), (30.1, 1)], 30.1)
+    lost = record(26.0, [], None, error="HTTP 503")
+    doc = phased.config_document([ok, slow, lost], 0.0, phases, {"ttft": 1000}, timeline, 15.0)
+    assert doc["attainment"] == pytest.approx(1 / 3) and doc["failed"] == 1
+    assert doc["phases"]["0:prompts"]["attainment"] == 1.0
+    second_phase = doc["phases"]["1:outputs"]
+    assert (second_phase["attainment"], second_phase["requests"], second_phase["failed"]) == (
+        0.0, 2, 1,
+    )  # fmt: skip
+    assert second_phase["median_ttft_ms"] == pytest.approx(5000.0)  # the one that completed
+    docs = {"1p1d": {"attainment": 0.6}, "2agg": {"attainment": 0.8},
+            "autoscale": doc | {"attainment": 0.85}}  # fmt: skip
+    v = phased.verdict(docs)
+    assert (v["best_fixed"], v["autoscale_at_least_best_fixed"]) == ("2agg", True)
+    assert v["autoscale_late_role_changes"] == 2
+
+
+def test_bench_phased_runs_fixed_splits_and_the_autoscaler(checkpoints, tmp_path):
+    from disagg.benchmarks.harness.phased import main_phased
+
+    argv = ["bench", "phased", "--model", str(checkpoints(arch="llama")), "--phase-s", "3",
+            "--configs", "1p1agg,autoscale", "--long-prompt-len", "40", "--long-output-len",
+            "8", "--prompts-rate", "3", "--outputs-rate", "3", "--slo", "ttft:60000,tpot:60000",
+            "--kv-memory-gb", "0.05", "--json", str(tmp_path / "p.json"),
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main_phased(build_parser().parse_args(argv)) == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert list(doc["configs"]) == ["1p1agg", "autoscale"]
+    for label, roles in (("1p1agg", ["both", "prefill"]), ("autoscale", ["decode", "prefill"])):
+        run = doc["configs"][label]
+        assert run["failed"] == 0 and run["attainment"] == 1.0
+        assert set(run["phases"]) >= {"0:prompts", "1:outputs"}
+        assert sorted(changes[0][1] for changes in run["roles"].values()) == roles
+    assert doc["verdict"]["autoscale_at_least_best_fixed"]
+    assert (tmp_path / "phased-roles.png").stat().st_size > 0

@@ -53,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_trace_args(cmp, COMPARE_DEFAULTS | dict.fromkeys(("workload", "output_len")))
     cmp.set_defaults(run=needs_bench_extra(main_compare))
     _add_sweep(bench)
+    _add_phased(bench)
 
 
 def _add_sweep(bench: argparse._SubParsersAction) -> None:
@@ -65,6 +66,18 @@ def _add_sweep(bench: argparse._SubParsersAction) -> None:
     sweep.add_sweep_args(p)
     _add_trace_args(p, COMPARE_DEFAULTS | {"duration_s": 30.0})
     p.set_defaults(run=needs_bench_extra(sweep.main_sweep), **COMPARISON_DEFAULTS["modes"])
+
+
+def _add_phased(bench: argparse._SubParsersAction) -> None:
+    from disagg.benchmarks.harness import phased
+
+    p = bench.add_parser(
+        "phased", help="a load that changes phase: fixed worker splits vs --autoscale"
+    )
+    p.add_argument("--cpus", default=None, help="worker i gets core i mod n (default: first 2)")
+    _add_stack_args(p)
+    phased.add_phased_args(p)
+    p.set_defaults(run=needs_bench_extra(phased.main_phased))
 
 
 BENCH_EXTRA = ("httpx", "rich", "matplotlib")  # pyproject's `bench` extra
@@ -116,7 +129,6 @@ def _add_trace_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
 
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, help="HF folder (default: ~100M Llama)")
     p.add_argument(
         "--compare", choices=tuple(COMPARISON_DEFAULTS), default="modes",
         help="modes: one stack per --modes; routing: one --modes stack with the scheduler's "
@@ -126,6 +138,12 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=1, help="disagg prefill workers")
     p.add_argument("--decode", type=int, default=None, help="disagg decode workers (agg: P + D)")
     p.add_argument("--cpus", default=None, help="worker i gets core i mod n (default: first P + D)")
+    _add_stack_args(p)
+
+
+def _add_stack_args(p: argparse.ArgumentParser) -> None:
+    """What every stack a bench command starts takes."""
+    p.add_argument("--model", type=Path, default=None, help="HF folder (default: ~100M Llama)")
     p.add_argument("--kv-memory-gb", type=float, default=0.5)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")

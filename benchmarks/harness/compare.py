@@ -48,15 +48,18 @@ class StackConfig:
         return self.prefill + self.decode
 
 
-def up_args(mode: str, cfg: StackConfig, label: str | None = None) -> list[str]:
-    """`disagg up` flags for `mode`: agg gets as many aggregated workers as disagg has P + D.
-    Logs go to `cfg.log_dir / label` (default: the mode)."""
-    if mode == "agg":
-        roles = ["--mode", "agg", "--decode", str(cfg.workers)]
-    elif mode == "disagg":
-        roles = ["--mode", "disagg", "--prefill", str(cfg.prefill), "--decode", str(cfg.decode)]
-    else:
+def up_args(
+    mode: str, cfg: StackConfig, label: str | None = None, roles: list[str] | None = None
+) -> list[str]:
+    """`disagg up` flags for `mode`: agg gets as many aggregated workers as disagg has P + D;
+    `roles`, when given, are the role flags instead. Logs go to `cfg.log_dir / label`
+    (default: the mode)."""
+    if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if roles is None and mode == "agg":
+        roles = ["--mode", "agg", "--decode", str(cfg.workers)]
+    elif roles is None:
+        roles = ["--mode", "disagg", "--prefill", str(cfg.prefill), "--decode", str(cfg.decode)]
     argv = ["--model", str(cfg.model), *roles, "--kv-memory-gb", str(cfg.kv_memory_gb)]
     argv += ["--dtype", cfg.dtype, "--device", cfg.device, "--log-level", "warning"]
     if cfg.cpus:

@@ -229,7 +229,8 @@ class WorkerService(abc.ABC):
         abort's own output then goes nowhere."""
         leftovers = list(self.gateways.items())
         for request_id, gateway_id in leftovers:
-            del self.gateways[request_id]
+            if self.gateways.pop(request_id, None) is None:
+                continue  # it ended (or was aborted) while an earlier one was moved
             chunk = StreamChunk(
                 request_id=request_id, worker_id=self.worker_id, index=0, token_ids=[],
                 finish_reason=None, num_prompt_tokens=0, num_cached_tokens=0,
