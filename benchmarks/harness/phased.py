@@ -239,10 +239,10 @@ def main_phased(args: argparse.Namespace) -> int:
         roles = CONFIGS[label] + (_planner_flags(args, slos) if label == "autoscale" else [])
         records, started, timeline = _run_config(args, label, roles, stack, trace)
         docs[label] = config_document(records, started, phases, slos, timeline, args.quiet_s)
+    config = {"model": str(model), "cpus": stack.cpus, "seed": args.seed,
+              "load": dataclasses.asdict(load), "machine": report.machine_info()}  # fmt: skip
     out = {"configs": docs, "verdict": verdict(docs), "slos_ms": slos,
-           "phases": [dataclasses.asdict(p) for p in phases],
-           "config": {"model": str(model), "cpus": stack.cpus, "seed": args.seed,
-                      "load": dataclasses.asdict(load), "machine": report.machine_info()}}  # fmt: skip
+           "phases": [dataclasses.asdict(p) for p in phases], "config": config}  # fmt: skip
     _print(out)
     if args.json is not None:
         report.write_json(args.json, out)
@@ -265,8 +265,8 @@ def _run_config(args, label: str, roles: list[str], stack, trace):
 
     argv = compare.up_args("disagg", stack, label, roles=roles)
     print(f"{label}: starting disagg up ...", file=sys.stderr, flush=True)
-    with UpProcess(argv, env=dict(os.environ),
-                   ready_timeout_s=stack.ready_timeout_s, log=stack.log_dir / label / "up.log") as up:  # fmt: skip
+    log = stack.log_dir / label / "up.log"
+    with UpProcess(argv, env=dict(os.environ), ready_timeout_s=stack.ready_timeout_s, log=log) as up:
         cfg = dataclasses.replace(run_config(args, up.base_url, None), duration_s=None)
         warmup = warmup_trace(WorkloadSpec(input_len=32, vocab_size=args.vocab_size), args.warmup)
 
@@ -321,7 +321,7 @@ def write_plot(out: dict[str, Any], out_dir: Path) -> Path:
             for i, p in enumerate(phases):
                 ax.axvspan(p["start_s"], p["start_s"] + p["duration_s"], alpha=0.08 * (1 + i % 2),
                            color="k")  # fmt: skip
-            for row, (worker, changes) in enumerate(doc["roles"].items()):
+            for row, changes in enumerate(doc["roles"].values()):
                 for (t, role), nxt in zip(changes, [*changes[1:], [end, None]], strict=True):
                     ax.barh(row, max(0.0, nxt[0] - t), left=t, color=ROLE_COLORS.get(role, "k"))
             ax.set_yticks(range(len(doc["roles"])), [w[-12:] for w in doc["roles"]], fontsize=7)
