@@ -265,8 +265,8 @@ def _run_config(args, label: str, roles: list[str], stack, trace):
 
     argv = compare.up_args("disagg", stack, label, roles=roles)
     print(f"{label}: starting disagg up ...", file=sys.stderr, flush=True)
-    log = stack.log_dir / label / "up.log"
-    with UpProcess(argv, env=dict(os.environ), ready_timeout_s=stack.ready_timeout_s, log=log) as up:
+    log, env = stack.log_dir / label / "up.log", dict(os.environ)
+    with UpProcess(argv, env=env, ready_timeout_s=stack.ready_timeout_s, log=log) as up:
         cfg = dataclasses.replace(run_config(args, up.base_url, None), duration_s=None)
         warmup = warmup_trace(WorkloadSpec(input_len=32, vocab_size=args.vocab_size), args.warmup)
 
