@@ -135,7 +135,21 @@ BAD_COMMON = [
     ("bad_words", [""], 400, "invalid_request_error"),
     ("guided_grammar", "root ::= x", 400, "invalid_request_error"),
     ("truncate_prompt_tokens", 5, 400, "invalid_request_error"),
-    ("response_format", {"type": "json_object"}, 400, "invalid_request_error"),
+    ("response_format", {"type": "json_schema"}, 400, "invalid_request_error"),
+    ("response_format", {"type": "xml"}, 400, "invalid_request_error"),
+    (
+        "response_format",
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}},
+        400,
+        "invalid_request_error",
+    ),  # fmt: skip
+    ("response_format", {"type": "json_object", "strict": True}, 400, "invalid_request_error"),
+    ("structured_outputs", {"regex": "a(b"}, 400, "invalid_request_error"),
+    ("structured_outputs", {"regex": "a", "choice": ["b"]}, 400, "invalid_request_error"),
+    ("structured_outputs", {}, 400, "invalid_request_error"),
+    ("guided_choice", [], 400, "invalid_request_error"),
+    ("guided_regex", "", 400, "invalid_request_error"),
+    ("guided_json", 5, 400, "invalid_request_error"),
     ("tools", [{"type": "function", "function": {"name": "f"}}], 400, "invalid_request_error"),
 ]
 BAD_COMPLETION = [
@@ -189,6 +203,14 @@ ELEMENT = {
     ("prompt", "[1, 'a']"): "prompt[1]",
     ("prompt", "[True]"): "prompt[0]",
     ("prompt", "[[1, 'a']]"): "prompt[0][1]",
+    ("response_format", "{'type': 'json_schema'}"): "response_format.json_schema",
+    ("response_format", "{'type': 'xml'}"): "response_format.type",
+    ("response_format", "{'type': 'json_object', 'strict': True}"): "response_format.strict",
+    (
+        "response_format",
+        "{'type': 'json_schema', 'json_schema': {'name': 'x', 'schema': {'type': 'objectx'}}}",
+    ): "response_format.json_schema.schema",
+    ("structured_outputs", "{'regex': 'a(b'}"): "structured_outputs.regex",
 }
 
 

@@ -324,7 +324,7 @@ def write_plot(out: dict[str, Any], out_dir: Path) -> Path:
             for row, changes in enumerate(doc["roles"].values()):
                 for (t, role), nxt in zip(changes, [*changes[1:], [end, None]], strict=True):
                     ax.barh(row, max(0.0, nxt[0] - t), left=t, color=ROLE_COLORS.get(role, "k"))
-            ax.set_yticks(range(len(doc["roles"])), [w[-12:] for w in doc["roles"]], fontsize=7)
+            ax.set_yticks(range(len(doc["roles"])), list(doc["roles"]), fontsize=7)
             ax.set_title(f"{label}: attainment {doc['attainment']:.2f}", fontsize=9, loc="left")
         axes[-1, 0].set_xlabel("seconds into the trace (phases shaded)")
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ROLE_COLORS.values()]
@@ -343,17 +343,17 @@ def add_phased_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phases", default="prompts,outputs", help="comma list of prompts, outputs")
     p.add_argument("--phase-s", type=float, default=60.0, help="each phase lasts this long")
     p.add_argument("--quiet-s", type=float, default=30.0, help="a phase's end with no change")
-    p.add_argument("--long-prompt-len", type=int, default=1024, help="prompts phase")
+    p.add_argument("--long-prompt-len", type=int, default=512, help="prompts phase")
     p.add_argument("--short-output-len", type=int, default=8, help="prompts phase")
-    p.add_argument("--prompts-rate", type=float, default=1.0, help="prompts phase, req/s")
+    p.add_argument("--prompts-rate", type=float, default=0.8, help="prompts phase, req/s")
     p.add_argument("--short-prompt-len", type=int, default=32, help="outputs phase")
-    p.add_argument("--long-output-len", type=int, default=256, help="outputs phase")
-    p.add_argument("--outputs-rate", type=float, default=1.0, help="outputs phase, req/s")
+    p.add_argument("--long-output-len", type=int, default=128, help="outputs phase")
+    p.add_argument("--outputs-rate", type=float, default=3.0, help="outputs phase, req/s")
     p.add_argument("--planner-flags", default="--planner-cooldown-s 5",
                    help="more `disagg up --planner-*` flags for the autoscale run")  # fmt: skip
     p.add_argument("--vocab-size", type=int, default=256, help="prompt ids < this")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slo", default="ttft:3000,tpot:250", help="ms: ttft and tpot (planner's too)")
+    p.add_argument("--slo", default="ttft:3000,tpot:150", help="ms: ttft and tpot (planner's too)")
     p.add_argument("--warmup", type=int, default=2, help="requests before measuring")
     p.add_argument("--endpoint", choices=("completions",), default="completions")
     p.add_argument("--max-concurrency", type=int, default=None)

@@ -122,7 +122,7 @@ class DecodeWorker:
         when known) fills them by. `forks` (request id -> sampling) are more sequences of the
         same prompt: they join the batch on its blocks when the transfer completes."""
         forks = forks or {}
-        self._check_new([request_id, *forks], prompt)
+        self._check_new([request_id, *forks], prompt, [params, *forks.values()])
         if self.num_held + len(forks) >= self.engine.scheduler.config.max_num_seqs:
             raise AdmitError(f"busy: {self.num_held} requests held", 429)
         cached = self.engine.scheduler.cached_prefix(prompt)
@@ -181,7 +181,9 @@ class DecodeWorker:
         for fork, fork_params in forks.items():  # same prompt, unused ids: cannot be refused
             self.engine.add_request(fork, prompt, fork_params, after=request_id)
 
-    def _check_new(self, request_ids: list[str], prompt: list[int]) -> None:
+    def _check_new(
+        self, request_ids: list[str], prompt: list[int], params: list[SamplingParams] = ()
+    ) -> None:
         for request_id in request_ids:
             if request_id in self._by_request or request_id in self.engine.scheduler.requests:
                 raise AdmitError(f"request id {request_id!r} is already in use", 400)
@@ -189,6 +191,8 @@ class DecodeWorker:
             raise AdmitError("a fork repeats a request id", 400)
         try:
             self.engine.scheduler.check_prompt(prompt)
+            for p in params:  # a structured one's grammar compiles now, or it is refused
+                self.engine.prepare(p)
         except RequestError as err:
             raise AdmitError(str(err), 400) from None
 

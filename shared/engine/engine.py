@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from disagg.shared.engine.block_pool import BlockPool
+from disagg.shared.engine.grammar import GrammarError, Grammars
 from disagg.shared.engine.kv_cache import KVCache
-from disagg.shared.engine.request import RequestOutput
+from disagg.shared.engine.request import RequestError, RequestOutput
 from disagg.shared.engine.runner import LayerCallback, ModelRunner
 from disagg.shared.engine.scheduler import EngineConfig, Scheduler
 from disagg.shared.model.llama import Transformer
@@ -27,7 +28,9 @@ class Engine:
         pool: BlockPool,
         config: EngineConfig = EngineConfig(),
         on_layer: LayerCallback | None = None,
+        grammars: Grammars | None = None,
     ) -> None:
+        """``grammars``: how structured-output requests are compiled (None: refused)."""
         args = model.args
         self.scheduler = Scheduler(
             pool,
@@ -36,7 +39,7 @@ class Engine:
             eos_token_ids=args.eos_token_ids,
             model_max_len=args.max_model_len,
         )
-        self.runner = ModelRunner(model, kv_cache)
+        self.runner = ModelRunner(model, kv_cache, grammars)
         self.on_layer = on_layer
         self._generate_calls = 0
 
@@ -53,7 +56,20 @@ class Engine:
     ) -> None:
         """Queue a request (a fork of request ``after``, when given: see ``Scheduler``); raises
         RequestError if it can never be served."""
+        self.prepare(params)
         self.scheduler.add_request(request_id, prompt, params, after)
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Compile a structured request's grammar now (cached), so a bad one is the request's
+        RequestError on admission, never a failed step."""
+        if params.structured is None:
+            return
+        if self.runner.grammars is None:
+            raise RequestError("this engine has no tokenizer for structured output")
+        try:
+            self.runner.grammars.compile(params.structured)
+        except GrammarError as err:
+            raise RequestError(f"the grammar does not compile: {err}") from None
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if unknown or already finished."""

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from disagg.shared.engine.grammar import Grammars
 from disagg.shared.engine.kv_cache import KVCache
 from disagg.shared.engine.request import Request
 from disagg.shared.engine.sampler import Row, SeqState, sample
@@ -23,8 +24,10 @@ LayerCallback = Callable[[int, list[Request]], None]
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv_cache: KVCache) -> None:
-        self.model, self.kv_cache = model, kv_cache
+    def __init__(
+        self, model: Transformer, kv_cache: KVCache, grammars: Grammars | None = None
+    ) -> None:
+        self.model, self.kv_cache, self.grammars = model, kv_cache, grammars
         self.eos_ids = frozenset(model.args.eos_token_ids)
         self._states: dict[str, SeqState] = {}
         self.last_logprobs: list[Logprob | None] = []
@@ -78,7 +81,7 @@ class ModelRunner:
     def _state(self, req: Request) -> SeqState:
         state = self._states.get(req.request_id)
         if state is None:
-            state = SeqState.new(req.params, req.prompt)
+            state = SeqState.new(req.params, req.prompt, self.grammars)
             for token in req.output:  # a prefilled request joins with its first token
                 state.observe(token)
             self._states[req.request_id] = state

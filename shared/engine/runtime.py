@@ -12,6 +12,7 @@ from disagg.shared.config import group, option
 from disagg.shared.engine.block_pool import BlockPool
 from disagg.shared.engine.dtype import resolve_dtype
 from disagg.shared.engine.engine import Engine
+from disagg.shared.engine.grammar import Grammars
 from disagg.shared.engine.kv_cache import KVCache, num_blocks_for_budget
 from disagg.shared.engine.scheduler import EngineConfig
 from disagg.shared.model.args import DTYPE_CHOICES
@@ -78,7 +79,8 @@ def build_runtime(
         a.num_layers, blocks, cfg.block_size, a.num_kv_heads, a.head_dim, dtype, cfg.device
     )
     pool = BlockPool(blocks, cfg.block_size)
-    engine = Engine(model, cache, pool, cfg.engine)
+    grammars = Grammars(Path(cfg.model) / "tokenizer.json", a.vocab_size, a.eos_token_ids)
+    engine = Engine(model, cache, pool, cfg.engine, grammars=grammars)
     return Runtime(model, cache, pool, engine, fingerprint_of(cfg.model, model))
 
 

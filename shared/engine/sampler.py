@@ -1,8 +1,8 @@
 """The sampler: one batched pass over a step's logits for every request in it.
 
-Order, as vLLM's: logits processors (allowed ids, bad words, ``min_tokens``, logit bias), then
-penalties (repetition over prompt and output as Hugging Face; presence and frequency over output
-as OpenAI), then greedy argmax or temperature, top-k, top-p, min-p and a draw. Logprobs are
+Order, as vLLM's: logits processors (allowed ids, bad words, ``min_tokens``, logit bias), the
+structured-output grammar's mask, then penalties (repetition over prompt and output as Hugging
+Face; presence and frequency over output as OpenAI), then greedy argmax or temperature, top-k, top-p, min-p and a draw. Logprobs are
 log-softmax of the raw float32 logits, before any of that (vLLM's default ``raw_logprobs``).
 
 A seeded draw is inverse-CDF sampling with one uniform number per row hashed from
@@ -15,10 +15,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from disagg.shared.engine.grammar import Grammars, apply_masks
 from disagg.shared.protocol.sampling import Logprob, SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -33,9 +35,14 @@ class SeqState:
     # Penalized requests: every token of prompt and output -> its count in the output.
     seen: dict[int, int] | None = None
     carried: tuple[int, ...] = ()  # output generated before a move (it ends the prompt)
+    matcher: Any = None  # structured output: the grammar's state after the output so far
 
     @classmethod
-    def new(cls, params: SamplingParams, prompt: Sequence[int]) -> SeqState:
+    def new(
+        cls, params: SamplingParams, prompt: Sequence[int], grammars: Grammars | None = None
+    ) -> SeqState:
+        """``grammars``: where a structured request's matcher comes from (compiled already:
+        the engine compiles on admission, where a bad grammar is the request's error)."""
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         carried = tuple(prompt[len(prompt) - params.output_offset :])
         state = cls(params, seed, carried=carried)
@@ -43,11 +50,19 @@ class SeqState:
             state.seen = dict.fromkeys(prompt, 0)
             for token in carried:
                 state.seen[token] += 1
+        if params.structured is not None:
+            if grammars is None:
+                raise ValueError("a structured request on an engine without grammars")
+            state.matcher = grammars.matcher(params.structured)
+            for token in carried:  # generated before a move: the grammar has seen them
+                state.matcher.accept_token(token)
         return state
 
     def observe(self, token: int) -> None:
         if self.seen is not None:
             self.seen[token] = self.seen.get(token, 0) + 1
+        if self.matcher is not None and not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,9 @@ def _process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int]
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias)
             logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype)
+    structured = [i for i, r in enumerate(rows) if r.state.matcher is not None]
+    if structured:  # after the processors: a bias cannot bring back what the grammar rejects
+        apply_masks(logits, structured, [rows[i].state.matcher for i in structured])
     penalized = [i for i, r in enumerate(rows) if r.state.params.penalized]
     if penalized:
         index = torch.tensor(penalized, dtype=torch.long)

@@ -7,7 +7,7 @@ applies these parameters is ``disagg.shared.engine.sampler``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -39,6 +39,18 @@ class Logprob(msgspec.Struct, frozen=True, array_like=True):
     rank: Annotated[int, Meta(ge=1)] | None = None  # the token's rank in the vocabulary (prompt)
 
 
+MAX_GRAMMAR_CHARS = 64 * 1024
+
+
+class Structured(msgspec.Struct, frozen=True):
+    """A grammar the output follows (structured output): ``json`` a JSON schema (its text),
+    ``regex`` a regular expression, ``grammar`` EBNF (GBNF). The gateway turns what clients
+    send (``response_format``, ``structured_outputs``, ``guided_*``, tools) into one of these."""
+
+    kind: Literal["json", "regex", "grammar"]
+    spec: Annotated[str, Meta(min_length=1, max_length=MAX_GRAMMAR_CHARS)]
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """How tokens are picked; each field has vLLM's meaning.
 
@@ -54,6 +66,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     output (penalties, ``min_tokens``). A seeded draw depends only on (seed, output position),
     so a request sampled partly on a prefill worker, partly on a decode worker and partly after
     a migration draws what it would have drawn on one worker.
+
+    ``structured``: only tokens its grammar accepts are drawn, the first one too (on the
+    prefill worker); a worker that continues a request advances its matcher over the tokens
+    generated so far (``output_offset``) before it samples; EOS only where the grammar may end.
     """
 
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS)] = 16
@@ -78,6 +94,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     prompt_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     output_offset: Annotated[int, Meta(ge=0, le=MAX_TOKENS)] = 0
+    structured: Structured | None = None
 
     @property
     def greedy(self) -> bool:
@@ -98,6 +115,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             or self.allowed_token_ids is not None
             or self.bad_words_token_ids
             or self.min_tokens
+            or self.structured is not None
         )
 
     def replace(self, **changes: object) -> SamplingParams:

@@ -59,16 +59,10 @@ def is_off(value: Any) -> bool:
 # Parameters that are accepted only at their neutral value (which is also their default).
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "use_beam_search": is_off,
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [],
     "functions": lambda v: v is None or v == [],
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "function_call": lambda v: v in (None, "none", "auto"),
-    "guided_json": lambda v: v is None,
-    "guided_regex": lambda v: v is None,
-    "guided_choice": lambda v: v is None,
-    "structured_outputs": lambda v: v is None,
-    "guided_grammar": lambda v: v is None,
     "truncate_prompt_tokens": lambda v: v is None,
 }
 COMPLETION_NEUTRAL = NEUTRAL | {

@@ -25,6 +25,12 @@ from disagg.services.gateway.openai.fields import (
     from_validation_error,
 )
 from disagg.services.gateway.openai.request import ROLES, SEED_MAX, SEED_MIN
+from disagg.services.gateway.openai.structured import (
+    Choices,
+    ResponseFormat,
+    Schema,
+    StructuredOutputs,
+)
 from disagg.shared.protocol.sampling import MAX_LOGPROBS
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -90,16 +96,16 @@ class _Common(_Body):
     return_token_ids: bool | None = None
     max_tokens: AtLeastOne | None = None
     use_beam_search: Neutral = None
-    response_format: Neutral = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Schema | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: str | None = None
     tools: Neutral = None
     functions: Neutral = None
     tool_choice: Neutral = None
     function_call: Neutral = None
-    guided_json: Neutral = None
-    guided_regex: Neutral = None
-    guided_choice: Neutral = None
-    structured_outputs: Neutral = None
-    guided_grammar: Neutral = None
     truncate_prompt_tokens: Neutral = None
 
     _common_neutral = _neutral(NEUTRAL)

@@ -38,6 +38,7 @@ from disagg.services.gateway.openai.sampling import (
     sampling_fields,
     token_ids,
 )
+from disagg.services.gateway.openai.structured import structured_of
 from disagg.shared.protocol.sampling import SamplingParams
 from disagg.shared.tokenizer import ChatTemplateError
 
@@ -107,7 +108,7 @@ def _parse_common(req: CompletionRequest | ChatCompletionRequest, ctx: ParseCont
         model=model,
         sampling=sampling_fields(req, ctx)
         | processor_fields(req, ctx)
-        | {"prompt_logprobs": req.prompt_logprobs},
+        | {"prompt_logprobs": req.prompt_logprobs, "structured": structured_of(req)},
         prompt_logprobs=req.prompt_logprobs,
         stop=_stop(req.stop, ctx),
         stream=stream,

@@ -1,0 +1,135 @@
+"""Structured output: the grammars a request's tokens must follow, on xgrammar.
+
+xgrammar was chosen by measurement (`benchmarks/grammar_engines.py`): its per-step masks cost
+3-4x less than llguidance's at batch 32 on a 128k vocabulary; its compile is slower, and
+compiled grammars are cached here. ``Grammars`` belongs to one worker (one tokenizer): it
+compiles a ``Structured`` once (an LRU keyed by the hash of tokenizer and grammar) and hands
+out a fresh matcher per request. ``check`` validates a grammar without a tokenizer (what the
+gateway does before any token is generated). xgrammar is imported on first use: a worker
+that never sees a structured request never loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from disagg.shared.protocol.sampling import Structured
+
+MAX_COMPILED = 256  # grammars kept compiled per worker
+
+
+class GrammarError(ValueError):
+    """A grammar that cannot be compiled (a 400 for the request that sent it)."""
+
+
+# xgrammar (0.2.9; its issue #800, open) lowers a string with minLength/maxLength to a bounded
+# repetition of this bare class: it admits raw control characters (invalid JSON) and no escapes.
+# Until a release fixes it, such rules get the JSON string character of its own helper rules.
+_BOUNDED_CHAR = '(([^\\"\\\\\\r\\n]))'
+_JSON_CHAR = '(([^\\0-\\x1f\\"\\\\]) | ("\\\\" basic_escape))'
+
+
+def grammar_of(structured: Structured):
+    """``structured`` as an xgrammar ``Grammar``; GrammarError when it does not parse."""
+    import xgrammar as xgr
+
+    try:
+        if structured.kind == "json":
+            grammar = xgr.Grammar.from_json_schema(structured.spec, any_whitespace=False)
+            text = str(grammar)
+            if _BOUNDED_CHAR in text and "basic_escape ::=" in text:
+                grammar = xgr.Grammar.from_ebnf(text.replace(_BOUNDED_CHAR, _JSON_CHAR))
+            return grammar
+        if structured.kind == "regex":
+            return xgr.Grammar.from_regex(structured.spec)
+        return xgr.Grammar.from_ebnf(structured.spec)
+    except (RuntimeError, ValueError, TypeError) as err:  # xgrammar raises RuntimeError
+        raise GrammarError(_message(err)) from None
+
+
+def check(structured: Structured) -> None:
+    """Raise GrammarError when ``structured`` does not parse (no tokenizer needed)."""
+    grammar_of(structured)
+
+
+def choice_grammar(choices: Collection[str]) -> str:
+    """EBNF accepting exactly one of ``choices`` (JSON string escapes are EBNF's too)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class Grammars:
+    """Compiled grammars of one worker's tokenizer, and matchers over them."""
+
+    def __init__(self, tokenizer_file: Path, vocab_size: int, eos_ids: Collection[int]) -> None:
+        self.tokenizer_file, self.vocab_size = Path(tokenizer_file), vocab_size
+        self.eos_ids = sorted(eos_ids)
+        self._compiler = None
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
+        self._tokenizer_hash: str | None = None
+
+    def compile(self, structured: Structured):
+        """The compiled grammar (cached); GrammarError when it does not compile."""
+        key = self._key(structured)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        compiler = self._compiler or self._build_compiler()
+        grammar = grammar_of(structured)
+        try:
+            compiled = compiler.compile_grammar(grammar)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise GrammarError(_message(err)) from None
+        self._compiled[key] = compiled
+        while len(self._compiled) > MAX_COMPILED:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def matcher(self, structured: Structured):
+        """A fresh matcher at the grammar's start (compiles on a cache miss)."""
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(self.compile(structured))
+
+    def _key(self, structured: Structured) -> str:
+        if self._tokenizer_hash is None:
+            self._tokenizer_hash = hashlib.sha256(self.tokenizer_file.read_bytes()).hexdigest()
+        text = f"{self._tokenizer_hash}\0{structured.kind}\0{structured.spec}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _build_compiler(self):
+        import xgrammar as xgr
+        from transformers import PreTrainedTokenizerFast
+
+        if not self.tokenizer_file.is_file():
+            raise GrammarError(f"structured output needs {self.tokenizer_file}; it is missing")
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(self.tokenizer_file))
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_ids
+        )
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._compiler
+
+
+def apply_masks(logits, rows: list[int], matchers: list) -> None:
+    """Set to -inf, in place, every logit of row ``rows[i]`` that ``matchers[i]`` rejects."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+    for row, matcher in zip(rows, matchers, strict=True):
+        matcher.fill_next_token_bitmask(bitmask, row)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+
+
+def _message(err: Exception) -> str:
+    """xgrammar's message without its C++ source location prefix."""
+    text = str(err).strip()
+    if text.startswith("[") and ": " in text:  # "[14:42:25] /project/cpp/x.cc:94: Regex ..."
+        text = text.split(": ", 1)[1]
+        if ".cc:" in text.split(" ", 1)[0]:
+            text = text.split(": ", 1)[-1]
+    return text.splitlines()[0][:500]
