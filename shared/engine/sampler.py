@@ -2,8 +2,9 @@
 
 Order, as vLLM's: logits processors (allowed ids, bad words, ``min_tokens``, logit bias), the
 structured-output grammar's mask, then penalties (repetition over prompt and output as Hugging
-Face; presence and frequency over output as OpenAI), then greedy argmax or temperature, top-k, top-p, min-p and a draw. Logprobs are
-log-softmax of the raw float32 logits, before any of that (vLLM's default ``raw_logprobs``).
+Face; presence and frequency over output as OpenAI), then greedy argmax or temperature, top-k,
+top-p, min-p and a draw. Logprobs are log-softmax of the raw float32 logits, before any of that
+(vLLM's default ``raw_logprobs``).
 
 A seeded draw is inverse-CDF sampling with one uniform number per row hashed from
 (seed, output position): no generator state, so where earlier tokens were drawn (prefill
