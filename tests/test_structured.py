@@ -229,3 +229,44 @@ def test_length_bounded_json_strings_are_json_strings(model):
 
     assert accepts('"ab"') and accepts('"a\\"b"') and accepts('"\\u00e9"')
     assert not accepts('"a\x14') and not accepts('"abcd')
+
+
+@pytest.mark.slow
+def test_structured_streams_survive_a_decode_worker_killed_mid_stream(model, tmp_path):
+    """Greedy structured streams on the decode worker that is SIGKILLed move to the other one:
+    the new worker's matcher is advanced over the tokens so far, and every stream ends as the
+    uninterrupted one did (tokens equal, matching its regex)."""
+    import os
+    import signal
+
+    from tests.cluster import wait_until
+    from tests.test_failures import Streams
+    from tests.test_services import blocks
+
+    regex = "[a-z]{3}( [a-z]{2,5}){120}"  # ~600 bytes: seconds of decoding on the tiny model
+    bodies = [{"guided_regex": regex, "ignore_eos": False}] * len(PROMPTS)
+    stack = Up(model, "--prefill", "1", "--decode", "2", log_dir=tmp_path)
+    try:
+        reference = Streams(stack.base_url, PROMPTS, 900, bodies).results()
+        streams = Streams(stack.base_url, PROMPTS, 900, bodies)
+        streams.wait_started(20)
+
+        def holding() -> list[str]:  # decode workers with blocks in use
+            text = stack.metrics()
+            total = blocks(text, "total", "decode")
+            return [w for w, free in blocks(text, "free", "decode").items() if free < total[w]]
+
+        wait_until(holding, what="a decode worker holding streams")
+        victim = holding()[0]
+        name = next(n for n in stack.pids if n.startswith("decode")
+                    and victim in (tmp_path / f"{n}.log").read_text())  # fmt: skip
+        os.kill(stack.pids[name], signal.SIGKILL)
+        assert streams.results() == reference
+        moved = (tmp_path / "gateway.log").read_text().count('"event": "migrating"')
+        assert moved >= 1  # the kill was mid-stream: streams moved
+        text = Tokenizer.from_file(str(model / "tokenizer.json"))
+        for ids in reference:
+            assert re.fullmatch(regex, text.decode(ids, skip_special_tokens=True))
+        assert_decode_pools_full(stack)
+    finally:
+        stack.stop()
