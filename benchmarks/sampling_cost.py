@@ -9,7 +9,8 @@ the engine (forward pass + sampler) for each mode, and the sampler alone on the 
 - **penalties**: plain + presence 0.5, frequency 0.5, repetition 1.2 (over prompt and output);
 - **all**: both, plus min_p 0.05;
 - **json**: plain under a JSON schema (an array of objects with an enum, a bounded integer and
-  a string: the grammar never ends within the steps), the grammar's mask every step.
+  a string, 10000 items at least: the grammar cannot end within the steps), the grammar's mask
+  every step.
 
 And one `--prompt-len` (512) prefill step, plain and under the JSON schema: the first token's
 mask (on a prefill worker) against the whole prompt's compute.
@@ -41,6 +42,7 @@ PLAIN = dict(temperature=1.0, top_p=0.9, ignore_eos=True)
 PENALTIES = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2)
 SCHEMA = {
     "type": "array",
+    "minItems": 10_000,
     "items": {
         "type": "object",
         "properties": {"kind": {"enum": ["a", "b", "c"]}, "n": {"type": "integer", "minimum": 0},
@@ -54,7 +56,7 @@ MODES = {
     "logprobs": PLAIN | {"logprobs": 20},
     "penalties": PLAIN | PENALTIES,
     "all": PLAIN | PENALTIES | {"logprobs": 20, "min_p": 0.05},
-    "json": PLAIN | {"structured": Structured("json", json.dumps(SCHEMA))},
+    "json": PLAIN | {"ignore_eos": False, "structured": Structured("json", json.dumps(SCHEMA))},
 }
 PREFILL_MODES = ("plain", "json")
 

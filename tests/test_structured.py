@@ -270,3 +270,17 @@ def test_structured_streams_survive_a_decode_worker_killed_mid_stream(model, tmp
         assert_decode_pools_full(stack)
     finally:
         stack.stop()
+
+
+def test_min_tokens_past_the_grammars_end_ends_at_eos_and_ignore_eos_is_refused(runtime):
+    """A grammar that is complete while min_tokens still forbids EOS leaves no token: the
+    request ends at EOS (never a garbage token); ignore_eos cannot be combined at all."""
+    from disagg.shared.engine.request import RequestError
+
+    eos = runtime.model.args.eos_token_ids
+    done = Structured("grammar", 'root ::= "no"')
+    (out,) = runtime.engine.generate([PROMPTS[0]], SamplingParams(structured=done, min_tokens=8))
+    assert out[-1] in eos and len(out) <= 3
+    with pytest.raises(RequestError, match="EOS"):
+        runtime.engine.add_request("x", PROMPTS[0], SamplingParams(structured=done, ignore_eos=True))
+    assert runtime.pool.num_free == runtime.pool.num_blocks

@@ -64,6 +64,8 @@ class Engine:
         RequestError on admission, never a failed step."""
         if params.structured is None:
             return
+        if params.ignore_eos:  # the grammar ends at EOS: nothing could follow it
+            raise RequestError("structured output cannot ignore EOS")
         if self.runner.grammars is None:
             raise RequestError("this engine has no tokenizer for structured output")
         try:

@@ -116,9 +116,14 @@ def _process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int]
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias)
             logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype)
-    structured = [i for i, r in enumerate(rows) if r.state.matcher is not None]
+    structured = [
+        i for i, r in enumerate(rows) if r.state.matcher and not r.state.matcher.is_terminated()
+    ]
     if structured:  # after the processors: a bias cannot bring back what the grammar rejects
         apply_masks(logits, structured, [rows[i].state.matcher for i in structured])
+        stuck = [i for i in structured if torch.isneginf(logits[i]).all()]
+        if stuck and eos_ids:  # only the end was left, and min_tokens forbade it: end anyway
+            logits[stuck, min(eos_ids)] = 0.0
     penalized = [i for i, r in enumerate(rows) if r.state.params.penalized]
     if penalized:
         index = torch.tensor(penalized, dtype=torch.long)
