@@ -282,5 +282,6 @@ def test_min_tokens_past_the_grammars_end_ends_at_eos_and_ignore_eos_is_refused(
     (out,) = runtime.engine.generate([PROMPTS[0]], SamplingParams(structured=done, min_tokens=8))
     assert out[-1] in eos and len(out) <= 3
     with pytest.raises(RequestError, match="EOS"):
-        runtime.engine.add_request("x", PROMPTS[0], SamplingParams(structured=done, ignore_eos=True))
+        params = SamplingParams(structured=done, ignore_eos=True)
+        runtime.engine.add_request("x", PROMPTS[0], params)
     assert runtime.pool.num_free == runtime.pool.num_blocks
