@@ -5,6 +5,7 @@ on the decode worker); the OpenAI SDK's `parse` gets its object back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -235,40 +236,42 @@ def test_length_bounded_json_strings_are_json_strings(model):
 def test_structured_streams_survive_a_decode_worker_killed_mid_stream(model, tmp_path):
     """Greedy structured streams on the decode worker that is SIGKILLed move to the other one:
     the new worker's matcher is advanced over the tokens so far, and every stream ends as the
-    uninterrupted one did (tokens equal, matching its regex)."""
+    uninterrupted one did (tokens equal, matching its regex). Both decode workers are stopped
+    (SIGSTOP) once the streams have started, so none can finish before the kill."""
     import os
     import signal
 
-    from tests.cluster import wait_until
     from tests.test_failures import Streams
-    from tests.test_services import blocks
 
-    regex = "[a-z]{3}( [a-z]{2,5}){120}"  # ~600 bytes: seconds of decoding on the tiny model
+    regex = "[a-z]{3}( [a-z]{2,5}){120}"  # ~600 bytes
     bodies = [{"guided_regex": regex, "ignore_eos": False}] * len(PROMPTS)
     stack = Up(model, "--prefill", "1", "--decode", "2", log_dir=tmp_path)
+    decodes = [n for n in stack.pids if n.startswith("decode")]
     try:
         reference = Streams(stack.base_url, PROMPTS, 900, bodies).results()
         streams = Streams(stack.base_url, PROMPTS, 900, bodies)
-        streams.wait_started(20)
-
-        def holding() -> list[str]:  # decode workers with blocks in use
-            text = stack.metrics()
-            total = blocks(text, "total", "decode")
-            return [w for w, free in blocks(text, "free", "decode").items() if free < total[w]]
-
-        wait_until(holding, what="a decode worker holding streams")
-        victim = holding()[0]
-        name = next(n for n in stack.pids if n.startswith("decode")
-                    and victim in (tmp_path / f"{n}.log").read_text())  # fmt: skip
-        os.kill(stack.pids[name], signal.SIGKILL)
+        streams.wait_started(5)
+        for name in decodes:
+            os.kill(stack.pids[name], signal.SIGSTOP)
+        placed = [json.loads(line) for line in (tmp_path / "scheduler.log").read_text().splitlines()
+                  if '"placed"' in line]  # fmt: skip
+        victim_id = next(e["decode"] for e in placed if e["request_id"] in streams.ids)
+        victim = next(n for n in decodes if victim_id in (tmp_path / f"{n}.log").read_text())
+        os.kill(stack.pids[victim], signal.SIGKILL)
+        for name in decodes:
+            if name != victim:
+                os.kill(stack.pids[name], signal.SIGCONT)
         assert streams.results() == reference
         moved = (tmp_path / "gateway.log").read_text().count('"event": "migrating"')
-        assert moved >= 1  # the kill was mid-stream: streams moved
+        assert moved >= 1  # streams were on the killed worker, mid-stream
         text = Tokenizer.from_file(str(model / "tokenizer.json"))
         for ids in reference:
             assert re.fullmatch(regex, text.decode(ids, skip_special_tokens=True))
         assert_decode_pools_full(stack)
     finally:
+        for name in decodes:  # never leave one stopped behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stack.pids[name], signal.SIGCONT)
         stack.stop()
 
 
