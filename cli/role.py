@@ -12,11 +12,10 @@ import nats.errors
 
 from disagg.shared.config import add_flags, from_args, group, option
 from disagg.shared.log import configure_logging
-from disagg.shared.protocol.codec import ErrorReply, decode_reply, encode
-from disagg.shared.protocol.messages import RoleReply, RoleRequest
+from disagg.shared.protocol.codec import ErrorReply
 from disagg.shared.protocol.subjects import Subjects
 from disagg.shared.protocol.types import Role
-from disagg.shared.service import NatsConfig, connect_nats
+from disagg.shared.service import NatsConfig, ask_role, connect_nats
 
 
 @dataclass(frozen=True)
@@ -38,15 +37,14 @@ def add_role_args(p: argparse.ArgumentParser) -> None:
 def run_role(args: argparse.Namespace) -> int:
     cfg = from_args(RoleConfig, args)
     configure_logging("error")  # the answer is the output, not NATS's connection events
-    subject = Subjects(cfg.namespace).role(args.worker_id)
+    subjects = Subjects(cfg.namespace)
 
     async def ask():
         async with asyncio.timeout(cfg.timeout_s):
             nc = await connect_nats(cfg.nats, "disagg-role")
         try:
-            body = encode(RoleRequest(role=args.role, drain_s=cfg.drain_s))
-            msg = await nc.request(subject, body, timeout=cfg.timeout_s)
-            return decode_reply(RoleReply, msg.data)
+            return await ask_role(nc, subjects, args.worker_id, args.role,
+                                  drain_s=cfg.drain_s, timeout=cfg.timeout_s)  # fmt: skip
         finally:
             await nc.close()
 

@@ -20,7 +20,8 @@ from nats.aio.msg import Msg
 
 from disagg.shared.config import group, option
 from disagg.shared.log import configure_logging, get_logger
-from disagg.shared.protocol.codec import error_reply
+from disagg.shared.protocol.codec import ErrorReply, decode_reply, encode, error_reply
+from disagg.shared.protocol.messages import RoleReply, RoleRequest
 from disagg.shared.protocol.subjects import Subjects
 from disagg.shared.protocol.types import MessageError
 
@@ -252,6 +253,22 @@ Handler = Callable[[Msg], Awaitable[bytes]]
 
 class BusyError(Exception):
     """The service cannot take this request now (a bounded queue is full): a 429 reply."""
+
+
+async def ask_role(
+    nc: NATS,
+    subjects: Subjects,
+    worker_id: str,
+    role: str,
+    *,
+    drain_s: float | None = None,
+    timeout: float = 10.0,
+) -> RoleReply | ErrorReply:
+    """Ask one worker to drain and go on as ``role`` (a ``RoleRequest``): its reply, or its
+    error reply (it is draining already). NATS errors (no such worker, no answer) propagate."""
+    body = encode(RoleRequest(role=role, drain_s=drain_s))
+    msg = await nc.request(subjects.role(worker_id), body, timeout=timeout)
+    return decode_reply(RoleReply, msg.data)
 
 
 def guarded(handler: Handler, what: str) -> Callable[[Msg], Awaitable[None]]:

@@ -50,6 +50,25 @@ def healthy(up: Up) -> bool:
         return False
 
 
+def switch_role(up: Up, worker_id: str, role: str):
+    """A RoleRequest to one worker of ``up`` (``ask_role``, the CLI's and planner's call)."""
+    import asyncio
+
+    import nats
+
+    from disagg.shared.protocol.subjects import Subjects
+    from disagg.shared.service import ask_role
+
+    async def ask():
+        nc = await nats.connect(up.nats_url)
+        try:
+            return await ask_role(nc, Subjects("disagg"), worker_id, role)
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
 def pid_of(up: Up, name: str) -> int:
     restarts = events(up, "child_restarted", name=name)
     return restarts[-1]["pid"] if restarts else up.pids[name]
@@ -159,12 +178,7 @@ def test_one_of_three_nats_nodes_killed_under_load_loses_nothing(checkpoints):
 def test_a_live_decode_worker_switches_to_prefill_without_reloading_or_losing_a_request(
     checkpoints,
 ):
-    import asyncio
 
-    import nats
-
-    from disagg.shared.protocol.codec import decode_reply, encode
-    from disagg.shared.protocol.messages import RoleReply, RoleRequest
     from tests.test_services import blocks
 
     stack = Up(model(checkpoints), "--prefill", "1", "--decode", "2")
@@ -176,16 +190,7 @@ def test_a_live_decode_worker_switches_to_prefill_without_reloading_or_losing_a_
         streams = Streams(stack.base_url, ps, TOKENS)
         streams.wait_started(5)
 
-        async def switch(worker_id: str, role: str) -> RoleReply:
-            nc = await nats.connect(stack.nats_url)
-            try:
-                body = encode(RoleRequest(role=role))
-                msg = await nc.request(f"disagg.worker.{worker_id}.role", body, timeout=10)
-                return decode_reply(RoleReply, msg.data)
-            finally:
-                await nc.close()
-
-        reply = asyncio.run(switch(decodes[0], "prefill"))
+        reply = switch_role(stack, decodes[0], "prefill")
         assert (reply.worker_id, reply.role, reply.switching) == (decodes[0], "prefill", True)
         assert streams.results() == reference  # it drained: its streams finished there
         wait_until(lambda: decodes[0] in blocks(stack.metrics(), "total", "prefill"),
@@ -209,14 +214,10 @@ def test_a_live_decode_worker_switches_to_prefill_without_reloading_or_losing_a_
 
 
 def test_switching_the_only_prefill_worker_to_both_fails_no_request(checkpoints):
-    import asyncio
     import threading
 
     import httpx
-    import nats
 
-    from disagg.shared.protocol.codec import decode_reply, encode
-    from disagg.shared.protocol.messages import RoleReply, RoleRequest
     from tests.test_services import blocks
 
     stack = Up(model(checkpoints), "--prefill", "1", "--decode", "1")
@@ -235,16 +236,7 @@ def test_switching_the_only_prefill_worker_to_both_fails_no_request(checkpoints)
         sender.start()
         time.sleep(0.3)
 
-        async def switch() -> RoleReply:
-            nc = await nats.connect(stack.nats_url)
-            try:
-                msg = await nc.request(f"disagg.worker.{prefill}.role",
-                                       encode(RoleRequest(role="both")), timeout=10)  # fmt: skip
-                return decode_reply(RoleReply, msg.data)
-            finally:
-                await nc.close()
-
-        assert asyncio.run(switch()).switching
+        assert switch_role(stack, prefill, "both").switching
         sender.join(120)
         assert statuses == [200] * 30  # held while no prefill worker was there, never refused
         wait_until(lambda: health(stack)["workers"] == {"both": 1, "decode": 1}, timeout=10,
@@ -255,12 +247,7 @@ def test_switching_the_only_prefill_worker_to_both_fails_no_request(checkpoints)
 
 
 def test_a_switch_whose_drain_times_out_moves_what_it_holds(checkpoints, monkeypatch):
-    import asyncio
 
-    import nats
-
-    from disagg.shared.protocol.codec import decode_reply, encode
-    from disagg.shared.protocol.messages import RoleReply, RoleRequest
     from tests.test_services import blocks
 
     monkeypatch.setenv("DISAGG_DRAIN_TIMEOUT_S", "0.5")  # every service: drains cut short
@@ -272,16 +259,7 @@ def test_a_switch_whose_drain_times_out_moves_what_it_holds(checkpoints, monkeyp
         streams = Streams(stack.base_url, ps, 2000)
         streams.wait_started(5)
 
-        async def switch() -> RoleReply:
-            nc = await nats.connect(stack.nats_url)
-            try:
-                msg = await nc.request(f"disagg.worker.{decodes[0]}.role",
-                                       encode(RoleRequest(role="prefill")), timeout=10)  # fmt: skip
-                return decode_reply(RoleReply, msg.data)
-            finally:
-                await nc.close()
-
-        assert asyncio.run(switch()).switching
+        assert switch_role(stack, decodes[0], "prefill").switching
         assert streams.results() == reference  # moved mid-stream, tokens unchanged
         assert events(stack, "switch_moved", worker_id=decodes[0])
         wait_until(lambda: health(stack)["workers"] == {"decode": 1, "prefill": 2},

@@ -23,17 +23,11 @@ from disagg.services.planner.k8s import KubernetesScaler, Targets, actuate
 from disagg.services.planner.roles import RoleActuator, WorkerView
 from disagg.shared.cluster import PeerWatch
 from disagg.shared.log import get_logger
-from disagg.shared.protocol.codec import ErrorReply, decode, decode_reply, encode
-from disagg.shared.protocol.messages import (
-    Heartbeat,
-    PlannerDecision,
-    RoleReply,
-    RoleRequest,
-    SchedulerStats,
-)
+from disagg.shared.protocol.codec import ErrorReply, decode, encode
+from disagg.shared.protocol.messages import Heartbeat, PlannerDecision, SchedulerStats
 from disagg.shared.protocol.types import MessageError, Role, new_request_id
 from disagg.shared.rates import RateEstimator
-from disagg.shared.service import connect_nats, publish, run_service, sleep_unless
+from disagg.shared.service import ask_role, connect_nats, publish, run_service, sleep_unless
 
 log = get_logger("disagg.planner")
 
@@ -155,10 +149,9 @@ class PlannerService:
         switch = self.roles.plan(decision.counts, workers, time.monotonic())
         if switch is None:
             return
-        body = encode(RoleRequest(role=switch.role, drain_s=self.cfg.role_drain_s))
         try:
-            msg = await nc.request(self.subjects.role(switch.worker_id), body, timeout=5.0)
-            reply = decode_reply(RoleReply, msg.data)
+            reply = await ask_role(nc, self.subjects, switch.worker_id, switch.role,
+                                   drain_s=self.cfg.role_drain_s, timeout=5.0)  # fmt: skip
         except Exception as err:  # gone, or no answer: the next tick sees the table again
             log.warning("role_switch_failed", worker_id=switch.worker_id, error=repr(err)[:300])
             return
