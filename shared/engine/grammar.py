@@ -2,16 +2,15 @@
 
 xgrammar was chosen by measurement (`benchmarks/grammar_engines.py`): its per-step masks cost
 3-4x less than llguidance's at batch 32 on a 128k vocabulary; its compile is slower, and
-compiled grammars are cached here. ``Grammars`` belongs to one worker (one tokenizer): it
-compiles a ``Structured`` once (an LRU keyed by the hash of tokenizer and grammar) and hands
-out a fresh matcher per request. ``check`` validates a grammar without a tokenizer (what the
-gateway does before any token is generated). xgrammar is imported on first use: a worker
-that never sees a structured request never loads it.
+compiled grammars are cached here. ``Grammars`` belongs to one worker and its one tokenizer:
+it compiles a ``Structured`` once (an LRU keyed by the grammar; the tokenizer is the instance's)
+and hands out a fresh matcher per request. ``check`` validates a grammar without a tokenizer
+(what the gateway does before any token is generated). xgrammar is imported on first use: a
+worker that never sees a structured request never loads it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Collection
@@ -69,12 +68,11 @@ class Grammars:
         self.tokenizer_file, self.vocab_size = Path(tokenizer_file), vocab_size
         self.eos_ids = sorted(eos_ids)
         self._compiler = None
-        self._compiled: OrderedDict[str, Any] = OrderedDict()
-        self._tokenizer_hash: str | None = None
+        self._compiled: OrderedDict[Structured, Any] = OrderedDict()
 
     def compile(self, structured: Structured):
         """The compiled grammar (cached); GrammarError when it does not compile."""
-        key = self._key(structured)
+        key = structured  # frozen: hashable by (kind, spec)
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]
@@ -94,12 +92,6 @@ class Grammars:
         import xgrammar as xgr
 
         return xgr.GrammarMatcher(self.compile(structured))
-
-    def _key(self, structured: Structured) -> str:
-        if self._tokenizer_hash is None:
-            self._tokenizer_hash = hashlib.sha256(self.tokenizer_file.read_bytes()).hexdigest()
-        text = f"{self._tokenizer_hash}\0{structured.kind}\0{structured.spec}"
-        return hashlib.sha256(text.encode()).hexdigest()
 
     def _build_compiler(self):
         import xgrammar as xgr

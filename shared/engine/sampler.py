@@ -117,12 +117,15 @@ def _process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int]
             ids, bias = zip(*p.logit_bias)
             logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype)
     structured = [
-        i for i, r in enumerate(rows) if r.state.matcher and not r.state.matcher.is_terminated()
+        i
+        for i, r in enumerate(rows)
+        if r.state.matcher is not None and not r.state.matcher.is_terminated()
     ]
     if structured:  # after the processors: a bias cannot bring back what the grammar rejects
         apply_masks(logits, structured, [rows[i].state.matcher for i in structured])
-        stuck = [i for i in structured if torch.isneginf(logits[i]).all()]
-        if stuck and eos_ids:  # only the end was left, and min_tokens forbade it: end anyway
+        index = torch.tensor(structured, dtype=torch.long)
+        stuck = index[torch.isneginf(logits[index]).all(dim=-1)]
+        if len(stuck) and eos_ids:  # only the end was left and min_tokens forbade it: end
             logits[stuck, min(eos_ids)] = 0.0
     penalized = [i for i, r in enumerate(rows) if r.state.params.penalized]
     if penalized:
