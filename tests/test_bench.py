@@ -539,6 +539,7 @@ def test_bench_phased_runs_fixed_splits_and_the_autoscaler(checkpoints, tmp_path
     for label, roles in (("1p1agg", ["both", "prefill"]), ("autoscale", ["decode", "prefill"])):
         run = doc["configs"][label]
         assert run["failed"] == 0 and run["attainment"] == 1.0
+        assert "other_cpu_share" in run  # how much of the machine others took meanwhile
         assert set(run["phases"]) >= {"0:prompts", "1:outputs"}
         assert sorted(changes[0][1] for changes in run["roles"].values()) == roles
     assert doc["verdict"]["autoscale_at_least_best_fixed"]

@@ -237,8 +237,10 @@ def main_phased(args: argparse.Namespace) -> int:
     docs = {}
     for label in configs:
         roles = CONFIGS[label] + (_planner_flags(args, slos) if label == "autoscale" else [])
-        records, started, timeline = _run_config(args, label, roles, stack, trace)
-        docs[label] = config_document(records, started, phases, slos, timeline, args.quiet_s)
+        result, timeline = _run_config(args, label, roles, stack, trace)
+        doc = config_document(result.records, result.started_at, phases, slos, timeline,
+                              args.quiet_s)  # fmt: skip
+        docs[label] = doc | {"other_cpu_share": result.other_cpu_share}
     config = {"model": str(model), "cpus": stack.cpus, "seed": args.seed,
               "load": dataclasses.asdict(load), "machine": report.machine_info()}  # fmt: skip
     out = {"configs": docs, "verdict": verdict(docs), "slos_ms": slos,
@@ -260,7 +262,7 @@ def _run_config(args, label: str, roles: list[str], stack, trace):
     from disagg.benchmarks.harness import compare
     from disagg.benchmarks.harness.cli import run_config
     from disagg.benchmarks.harness.runner import run_trace
-    from disagg.benchmarks.harness.stack import UpProcess
+    from disagg.benchmarks.harness.stack import ForeignCpu, UpProcess
     from disagg.benchmarks.harness.workload import warmup_trace
 
     argv = compare.up_args("disagg", stack, label, roles=roles)
@@ -279,9 +281,11 @@ def _run_config(args, label: str, roles: list[str], stack, trace):
                 await recorder.stop()
             return result, recorder
 
+        watch = ForeignCpu({os.getpid()})  # this process and everything it started
         result, recorder = asyncio.run(measure())
+        result.other_cpu_share = watch.share()
     print(f"{label}: done", file=sys.stderr, flush=True)
-    return result.records, result.started_at, recorder.timeline(result.started_at)
+    return result, recorder.timeline(result.started_at)
 
 
 def _print(out: dict[str, Any]) -> None:
@@ -293,7 +297,9 @@ def _print(out: dict[str, Any]) -> None:
     for label, d in docs.items():
         cells = "  ".join(f"{d['phases'].get(k, {}).get('attainment', 0):12.2f}" for k in keys)
         late = sum(d["late_role_changes"].values())
-        print(f"{label:>10}  {d['attainment']:6.2f}  {cells}  {d['failed']:6d}  {late}")
+        share = d.get("other_cpu_share")
+        other = "" if share is None else f"  (other processes: {share:.0%} of the CPU)"
+        print(f"{label:>10}  {d['attainment']:6.2f}  {cells}  {d['failed']:6d}  {late}{other}")
     v = out["verdict"]
     if v:
         word = "at least" if v["autoscale_at_least_best_fixed"] else "BELOW"
