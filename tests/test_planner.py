@@ -265,3 +265,50 @@ def test_disagg_up_hands_the_planner_its_policy_as_flags():
         UpConfig(prefill=1, decode=0)
     with pytest.raises(ValueError, match="two or more"):
         UpConfig(mode="agg", decode=1, autoscale=True)
+
+
+def test_role_switches_that_fail_are_asked_again_and_only_one_is_under_way():
+    """The planner's shell around the actuator, on a fake NATS: no responder or a refusal
+    (the worker is draining already) leaves nothing pending, so the next tick asks again; an
+    accepted switch is pending (no second one) and counted."""
+    import asyncio
+    import time
+
+    import nats.errors
+
+    from disagg.services.planner.config import PlannerConfig
+    from disagg.services.planner.core import Decision
+    from disagg.services.planner.service import PlannerService
+    from disagg.shared.cluster import PeerWatch
+    from disagg.shared.protocol.codec import encode, error_reply
+    from disagg.shared.protocol.messages import RoleReply, RoleRequest
+
+    svc = PlannerService(PlannerConfig(act_roles=True, metrics_port=0))
+    svc.watch = PeerWatch(lambda: True, 3)
+    for worker, role in (("p1", "prefill"), ("d1", "decode")):
+        svc.watch.beat(heartbeat(worker, role, 1.0, 0.5, 100.0), time.monotonic())
+    answers = [nats.errors.NoRespondersError(), error_reply("worker d1 is draining", 503)]
+    asked: list[tuple[str, RoleRequest]] = []
+
+    class FakeNats:
+        async def request(self, subject, body, timeout):
+            from disagg.shared.protocol.codec import decode
+
+            asked.append((subject, decode(RoleRequest, body)))
+            answer = answers.pop(0) if answers else None
+            if isinstance(answer, Exception):
+                raise answer
+            reply = answer or encode(RoleReply(worker_id="d1", role="both", switching=True))
+            return type("Msg", (), {"data": reply})()
+
+    both = Decision(1, 0, "rebalance", "long prompts", both=1)
+    for _ in range(4):
+        asyncio.run(svc._switch_roles(FakeNats(), both))
+    subjects = [s for s, _ in asked]
+    assert subjects == ["disagg.worker.d1.role"] * 3  # failed, refused, accepted; then waits
+    assert {(r.role, r.drain_s) for _, r in asked} == {("both", 2.0)}
+    assert svc.roles.pending is not None
+    switches = svc.metrics.registry.get_sample_value(
+        "disagg:planner_role_switches_total", {"role": "both"}
+    )
+    assert switches == 1.0

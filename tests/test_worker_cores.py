@@ -204,3 +204,38 @@ def test_forks_of_an_aborted_or_failed_transfer_fail_over_and_free_everything(ch
     assert {o.request_id for o in pair.decode.step()} == {"b", "b1"}
     assert pair.decode.num_held == 0
     pair.assert_pools_full()
+
+
+def test_structured_output_holds_across_the_hand_off_and_bad_grammars_free_everything(
+    checkpoints,
+):
+    """Token 0 is masked on the prefill side, the decode side's matcher continues from it: the
+    pair gives what one engine gives. A grammar that does not compile (one the gateway would
+    have refused) is the admission's 400 on decode and a RequestError on prefill, holding
+    nothing."""
+    from disagg.services.workers.decode import AdmitError
+    from disagg.shared.engine.request import RequestError
+    from disagg.shared.protocol.sampling import Structured
+
+    model = checkpoints(arch="llama")
+    pair = Pair(model)
+    regex = Structured("regex", "[a-z]{3}-[0-9]{2}")
+    params = SamplingParams(max_tokens=20, structured=regex)
+    prompts = prompts_of((7, 12), seed=4)
+    outs, firsts, _ = pair.generate(prompts, params)
+    alone = runtime(model).engine.generate(prompts, params)
+    assert outs == alone and [o[0] for o in outs] == firsts
+    pair.assert_pools_full()
+    bad = SamplingParams(structured=Structured("regex", "a(b"))
+    with pytest.raises(AdmitError) as info:
+        pair.decode.admit("bad", prompts[0], bad, "p")
+    assert info.value.status == 400 and "does not compile" in str(info.value)
+    with pytest.raises(AdmitError):  # a bad fork refuses the whole admission
+        pair.decode.admit("good", prompts[0], params, "p", {"good-1": bad})
+    assert pair.decode.num_held == 0
+    desc = pair.decode.admit("r9", prompts[0], params, "p")
+    with pytest.raises(RequestError, match="does not compile"):
+        pair.prefill.submit(PrefillJob("r9", prompts[0], bad, desc))
+    assert pair.decode.abort("r9")  # what the gateway does when the job is refused
+    pair.decode.step()
+    pair.assert_pools_full()
