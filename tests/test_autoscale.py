@@ -4,12 +4,14 @@ time, and no request fails or changes because of a switch (real processes)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
 from tests.cluster import wait_until
 from tests.test_failures import Streams, prompts
-from tests.test_self_healing import health, model
+from tests.test_self_healing import events, health, model
 from tests.test_services import Up, assert_decode_pools_full
 
 pytestmark = pytest.mark.slow
@@ -27,20 +29,22 @@ def test_long_outputs_turn_1p_1d_into_two_aggregated_workers_and_fail_nothing(
     """Decode-bound load on 1P + 1D: the planner asks for two aggregated workers; waves of
     streams before, during and after the two switches all complete with the same tokens."""
     stack = Up(model(checkpoints), "--prefill", "1", "--decode", "1", "--autoscale",
-               "--planner-cooldown-s", "1", "--planner-scale-down-after-s", "3",
-               log_dir=tmp_path)  # fmt: skip
+               "--planner-cooldown-s", "1", "--planner-scale-down-after-s", "600",
+               log_dir=tmp_path)  # fmt: skip  (no way back during the test: it checks the way up)
     batch = prompts(6, 8, seed=3)  # short prompts, long outputs: decode-bound
     waves: list[Streams] = []
     try:
         assert health(stack)["workers"] == {"decode": 1, "prefill": 1}
 
-        def aggregated() -> bool:
+        def aggregated() -> bool:  # two waves in flight: decode never idles between them
             waves.append(Streams(stack.base_url, batch, TOKENS))
-            for t in waves[-1].threads:
+            for t in waves[-2].threads if len(waves) > 1 else ():
                 t.join(120)
             return health(stack)["workers"] == {"both": 2}
 
         wait_until(aggregated, timeout=120, what="both workers aggregated")
+        for t in waves[-1].threads:
+            t.join(120)
         settled = Streams(stack.base_url, batch, TOKENS)  # the reference: no switch under way
         for t in settled.threads:
             t.join(120)
@@ -54,6 +58,14 @@ def test_long_outputs_turn_1p_1d_into_two_aggregated_workers_and_fail_nothing(
         assert [e["role"] for e in asked] == ["both", "both"]  # one worker at a time
         assert health(stack)["status"] == "ok"  # the count of workers is what it expects
         assert_decode_pools_full(stack, "both")
+        # The planner is a child like the others: SIGKILLed, it is restarted and the stack
+        # serves on meanwhile.
+        os.kill(stack.pids["planner"], signal.SIGKILL)
+        wait_until(lambda: events(stack, "child_restarted", name="planner"), what="planner back")
+        again = Streams(stack.base_url, batch, TOKENS)
+        for t in again.threads:
+            t.join(120)
+        assert again.errors == [None] * len(batch) and again.tokens == settled.tokens
     finally:
         stack.stop()
 
