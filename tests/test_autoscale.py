@@ -28,9 +28,10 @@ def test_long_outputs_turn_1p_1d_into_two_aggregated_workers_and_fail_nothing(
 ):
     """Decode-bound load on 1P + 1D: the planner asks for two aggregated workers; waves of
     streams before, during and after the two switches all complete with the same tokens."""
+    # No way back during the test (scale-down 600 s): it checks the way up.
     stack = Up(model(checkpoints), "--prefill", "1", "--decode", "1", "--autoscale",
                "--planner-cooldown-s", "1", "--planner-scale-down-after-s", "600",
-               log_dir=tmp_path)  # fmt: skip  (no way back during the test: it checks the way up)
+               log_dir=tmp_path)  # fmt: skip
     batch = prompts(6, 8, seed=3)  # short prompts, long outputs: decode-bound
     waves: list[Streams] = []
     try:
