@@ -62,15 +62,23 @@ class Tokenizer:
         return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
     ) -> str:
-        """Render `messages` to the prompt text the model was trained on."""
+        """Render `messages` (and `tools`, and the template's own `kwargs`, e.g.
+        `enable_thinking`) to the prompt text the model was trained on."""
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         try:
             template = _jinja().from_string(self.chat_template)
             return template.render(
+                **kwargs,
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

@@ -169,3 +169,27 @@ def test_tokenizer_and_chat_template(checkpoints):
     assert ours.apply_chat_template(messages) == theirs.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
     )
+    # With tools, an assistant's calls and a tool's answer, as transformers renders them.
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Now.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+    }
+    messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                 {"role": "tool", "content": "-3 C", "tool_call_id": "call_1"}]  # fmt: skip
+    ours_text = ours.apply_chat_template(messages, tools=tools)
+    assert ours_text == theirs.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}' in ours_text
+    assert "<tool_response>\n-3 C\n</tool_response>" in ours_text and "Be brief." in ours_text

@@ -150,9 +150,11 @@ BAD_COMMON = [
     ("guided_choice", [], 400, "invalid_request_error"),
     ("guided_regex", "", 400, "invalid_request_error"),
     ("guided_json", 5, 400, "invalid_request_error"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], 400, "invalid_request_error"),
+    ("tool_choice", "required", 400, "invalid_request_error"),  # no tools (chat), or at all
 ]
+F_TOOL = [{"type": "function", "function": {"name": "f"}}]
 BAD_COMPLETION = [
+    ("tools", F_TOOL, "tools"),  # chat only
     ("prompt", DELETE, "prompt"),
     ("prompt", 5, "prompt"),
     ("prompt", "", "prompt"),
@@ -171,6 +173,11 @@ BAD_COMPLETION = [
     ("suffix", "end", "suffix"),
 ]
 BAD_CHAT = [
+    ("tools", F_TOOL, "tool_choice"),  # 'auto' by default: this model reads no calls back
+    ("tools", [{"type": "function", "function": {"name": "no spaces"}}], "tools[0].function.name"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}, "tool_choice"),  # no tools
+    ("chat_template_kwargs", {"tools": []}, "chat_template_kwargs"),
+    ("chat_template_kwargs", [], "chat_template_kwargs"),
     ("messages", DELETE, "messages"),
     ("messages", "hi", "messages"),
     ("messages", [], "messages"),
@@ -980,4 +987,5 @@ def test_pydantic_errors_read_as_openai_errors(ctx):
         "invalid_value",
         "Invalid 'top_p': expected a value > 0.0, but got 0 instead.",
     )
-    assert error(tools=[{"type": "function"}])[:2] == ("tools", "unsupported")
+    assert error(tools=[{"type": "function"}])[:2] == ("tools[0].function", "missing_required")
+    assert error(functions=[{"name": "f"}])[:2] == ("functions", "unsupported")

@@ -288,3 +288,105 @@ def test_min_tokens_past_the_grammars_end_ends_at_eos_and_ignore_eos_is_refused(
         params = SamplingParams(structured=done, ignore_eos=True)
         runtime.engine.add_request("x", PROMPTS[0], params)
     assert runtime.pool.num_free == runtime.pool.num_blocks
+
+
+# -- tool calls through real stacks --------------------------------------------------------------
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+CLOCK = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+         "additionalProperties": False}  # fmt: skip
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY}},
+         {"type": "function", "function": {"name": "get_time", "parameters": CLOCK}}]  # fmt: skip
+ASK = [{"role": "user", "content": "Weather in Oslo?"}]
+# What a Hermes-style model writes when it calls a tool (the tiny random one never would): forced
+# by a regex, so that 'auto' reads calls out of real generated text.
+HERMES_CALL = (r'Sure\.\n<tool_call>\n\{"name": "get_weather", "arguments": '
+               r'\{"city": "[A-Z][a-z]{2,6}", "unit": "[CF]"\}\}\n</tool_call>')  # fmt: skip
+
+
+def _chat(stack, model, **fields) -> dict:
+    import httpx
+
+    body = {"model": model.name, "messages": ASK, "max_tokens": 96, "temperature": 0,
+            "tools": TOOLS} | fields  # fmt: skip
+    r = httpx.post(stack.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+@pytest.mark.slow
+def test_tool_calls_through_the_stack(stack, model, runtime, tokenizer):
+    """A named function's arguments and `required`'s calls validate against their schemas (the
+    named one greedy-equal to the engine alone under the same grammar, so agg and disagg agree);
+    `auto` reads the Hermes call the model wrote."""
+    import httpx
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    choice = _chat(stack, model, tool_choice=named)
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), CITY)
+    tokenized = {"model": model.name, "messages": ASK, "tools": TOOLS}
+    prompt = httpx.post(stack.base_url + "/tokenize", json=tokenized, timeout=60).json()["tokens"]
+    ((reference, _),) = generate(runtime, Structured("json", json.dumps(CITY)), [prompt])
+    assert call["function"]["arguments"] == text_of(tokenizer, reference)
+
+    for parallel in (True, False):
+        choice = _chat(stack, model, tool_choice="required", parallel_tool_calls=parallel,
+                       temperature=1.0, seed=11)  # fmt: skip
+        calls = choice["message"]["tool_calls"]
+        assert choice["finish_reason"] == "tool_calls" and calls
+        assert parallel or len(calls) == 1
+        for call in calls:
+            schema = {"get_weather": CITY, "get_time": CLOCK}[call["function"]["name"]]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+    choice = _chat(stack, model, structured_outputs={"regex": HERMES_CALL})  # tool_choice auto
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Sure.\n"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), CITY)
+    choice = _chat(stack, model, tool_choice="none", max_tokens=8)  # tools shown, none read
+    assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "length"
+    assert_decode_pools_full(stack, stack.pool_role)
+
+
+@pytest.mark.slow
+def test_streamed_tool_calls_reassemble_with_the_sdk_stream_helpers(stack, model):
+    from typing import Literal
+
+    import openai
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        city: str = Field(max_length=8)
+        unit: Literal["C", "F"]
+
+    client = stack.client()
+    tool = openai.pydantic_function_tool(GetWeather)
+    with client.beta.chat.completions.stream(
+        model=model.name, messages=ASK, tools=[tool], max_tokens=96, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}},
+    ) as stream:  # fmt: skip
+        pieces = [e for e in stream if e.type == "tool_calls.function.arguments.delta"]
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason == "tool_calls" and len(pieces) > 1  # streamed
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+    with client.beta.chat.completions.stream(
+        model=model.name, messages=ASK, tools=TOOLS, max_tokens=96, temperature=0,
+        extra_body={"structured_outputs": {"regex": HERMES_CALL}},
+    ) as stream:  # fmt: skip
+        final = stream.get_final_completion()
+    message = final.choices[0].message
+    assert message.content == "Sure.\n" and message.tool_calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(message.tool_calls[0].function.arguments), CITY)
+    assert_decode_pools_full(stack, stack.pool_role)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from disagg.services.gateway.openai.tools import PARSERS
 from disagg.shared.config import group, option
 from disagg.shared.protocol.messages import MAX_FORKS
 from disagg.shared.protocol.types import Role, check_id
@@ -63,6 +64,10 @@ class GatewayConfig:
     drain_timeout_s: float = option(30.0, help="SIGTERM: finish requests within")
     api_key: tuple[str, ...] = option((), help="required Bearer key(s), comma separated",
                                       secret=True)  # fmt: skip
+    tool_call_parser: str | None = option(
+        None, help="how 'auto' tool calls are read from the output: hermes, or none "
+        "(default: hermes when the chat template writes <tool_call>, else none)",
+    )  # fmt: skip
     expect_workers: str | None = option(
         None, help="live workers the stack should have, e.g. prefill=1,decode=2 (or both=2; "
         "any=2 counts every role): /health says which are short (degraded)",
@@ -79,6 +84,8 @@ class GatewayConfig:
             raise ValueError(f"--max-choices must be in [1, {MAX_FORKS + 1}]")
         if self.migration_limit < 0:
             raise ValueError(f"--migration-limit must be >= 0, got {self.migration_limit}")
+        if self.tool_call_parser not in (None, "none", *PARSERS):
+            raise ValueError(f"--tool-call-parser must be one of none, {', '.join(PARSERS)}")
         self.expected_workers()  # raises on a bad spec
 
     def expected_workers(self) -> dict[str, int]:

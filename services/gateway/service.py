@@ -15,6 +15,7 @@ from disagg.services.gateway.core import Gateway
 from disagg.services.gateway.metrics import GatewayMetrics
 from disagg.services.gateway.nats_api import NatsApi
 from disagg.services.gateway.openai.request import ParseContext
+from disagg.services.gateway.openai.tools import parser_for
 from disagg.shared.cluster import HEARTBEAT_INTERVAL_S
 from disagg.shared.log import get_logger
 from disagg.shared.model.args import ModelArgs
@@ -39,6 +40,7 @@ def build_context(cfg: GatewayConfig) -> tuple[ParseContext, frozenset[int]]:
         vocab_size=min(tokenizer.vocab_size, model_args.vocab_size),
         max_stop_strings=cfg.max_stop_strings,
         max_choices=cfg.max_choices,
+        tool_parser=parser_for(cfg.tool_call_parser, tokenizer.chat_template),
     )
     return ctx, frozenset(model_args.eos_token_ids)
 

@@ -59,13 +59,13 @@ def is_off(value: Any) -> bool:
 # Parameters that are accepted only at their neutral value (which is also their default).
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "use_beam_search": is_off,
-    "tools": lambda v: v is None or v == [],
-    "functions": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "functions": lambda v: v is None or v == [],  # the deprecated forms of tools / tool_choice
     "function_call": lambda v: v in (None, "none", "auto"),
     "truncate_prompt_tokens": lambda v: v is None,
 }
 COMPLETION_NEUTRAL = NEUTRAL | {
+    "tools": lambda v: v is None or v == [],  # chat only
+    "tool_choice": lambda v: v in (None, "none"),
     "suffix": lambda v: v is None or v == "",
     "add_special_tokens": lambda v: v is None or v is True,
 }
@@ -73,7 +73,6 @@ CHAT_NEUTRAL = NEUTRAL | {
     "echo": is_off,
     "continue_final_message": is_off,
     "chat_template": lambda v: v is None,
-    "chat_template_kwargs": lambda v: v is None or v == {},
     "add_special_tokens": is_off,
 }
 

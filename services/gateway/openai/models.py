@@ -31,6 +31,7 @@ from disagg.services.gateway.openai.structured import (
     Schema,
     StructuredOutputs,
 )
+from disagg.services.gateway.openai.tools import Tool, ToolCallIn, ToolChoice
 from disagg.shared.protocol.sampling import MAX_LOGPROBS
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -102,9 +103,7 @@ class _Common(_Body):
     guided_regex: str | None = None
     guided_choice: Choices | None = None
     guided_grammar: str | None = None
-    tools: Neutral = None
     functions: Neutral = None
-    tool_choice: Neutral = None
     function_call: Neutral = None
     truncate_prompt_tokens: Neutral = None
 
@@ -119,6 +118,8 @@ class CompletionRequest(_Common):
     logprobs: TopN | None = None
     suffix: Neutral = None
     add_special_tokens: Neutral = None
+    tools: Neutral = None
+    tool_choice: Neutral = None
 
     _completion_neutral = _neutral(_own(COMPLETION_NEUTRAL))
 
@@ -132,6 +133,8 @@ class ChatMessage(_Body):
     role: Literal[ROLES]
     content: str | list[TextPart] | None = None  # None only for an assistant turn
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ChatCompletionRequest(_Common):
@@ -142,10 +145,13 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool | None = None
     logprobs: bool | None = None
     top_logprobs: TopN | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     echo: Neutral = None
     continue_final_message: Neutral = None
     chat_template: Neutral = None
-    chat_template_kwargs: Neutral = None
     add_special_tokens: Neutral = None
 
     _chat_neutral = _neutral(_own(CHAT_NEUTRAL))
@@ -159,6 +165,8 @@ class TokenizeRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_generation_prompt: bool | None = None
     add_special_tokens: bool | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Body):

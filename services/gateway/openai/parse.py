@@ -38,7 +38,12 @@ from disagg.services.gateway.openai.sampling import (
     sampling_fields,
     token_ids,
 )
-from disagg.services.gateway.openai.structured import structured_of
+from disagg.services.gateway.openai.structured import checked, structured_of
+from disagg.services.gateway.openai.tools import (
+    template_tool_calls,
+    template_tools,
+    tool_plan,
+)
 from disagg.shared.protocol.sampling import SamplingParams
 from disagg.shared.tokenizer import ChatTemplateError
 
@@ -90,9 +95,19 @@ def parse_chat(
     # max_completion_tokens replaced max_tokens in OpenAI's API; it wins when both are given.
     requested = req.max_completion_tokens or req.max_tokens
     common.sampling["logprobs"] = chat_logprobs(req)
-    prompt_ids = render_messages(req.messages, ctx, req.add_generation_prompt is not False)
+    plan, grammar = tool_plan(req, ctx.tool_parser)
+    if grammar is not None:
+        if common.sampling["structured"] is not None:
+            message = f"tool_choice '{plan.mode}' writes the calls: give no other grammar."
+            raise invalid_request(message, "tool_choice", "invalid_value")
+        common.sampling["structured"] = checked("tools", grammar, ignore_eos=bool(req.ignore_eos))
+    prompt_ids = render_messages(
+        req.messages, ctx, req.add_generation_prompt is not False,
+        tools=template_tools(req), kwargs=req.chat_template_kwargs,
+    )  # fmt: skip
     max_tokens = _max_tokens(requested, len(prompt_ids), ctx, "chat")
     request = _request("chat", common, prompt_ids, max_tokens, request_id, created)
+    request.tools = plan
     return with_choices([request], common.n, ctx)
 
 
@@ -185,13 +200,34 @@ def _text_prompt(text: str, ctx: ParseContext) -> list[int]:
 
 
 def render_messages(
-    messages: list[ChatMessage], ctx: ParseContext, add_generation_prompt: bool
+    messages: list[ChatMessage],
+    ctx: ParseContext,
+    add_generation_prompt: bool,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Validated chat messages through the chat template, as token ids."""
-    return _render_chat(_messages(messages, ctx), ctx, add_generation_prompt)
+    """Validated chat messages (and tools, and the template's own ``kwargs``) through the chat
+    template, as token ids."""
+    taken = sorted(set(kwargs or {}) & RESERVED_TEMPLATE_VARS)
+    if taken:
+        message = f"'chat_template_kwargs' may not set {', '.join(taken)}."
+        raise invalid_request(message, "chat_template_kwargs", "invalid_value")
+    try:
+        text = ctx.tokenizer.apply_chat_template(
+            _messages(messages, ctx), add_generation_prompt=add_generation_prompt,
+            tools=tools, **(kwargs or {}),
+        )  # fmt: skip
+    except ChatTemplateError as err:
+        raise invalid_request(str(err), "messages", "chat_template_error") from None
+    # The template already holds the special tokens (BOS, role markers), as in vLLM.
+    return ctx.tokenizer.encode(text, add_special_tokens=False)
 
 
-def _messages(messages: list[ChatMessage], ctx: ParseContext) -> list[dict[str, str]]:
+RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
+def _messages(messages: list[ChatMessage], ctx: ParseContext) -> list[dict[str, Any]]:
     out = []
     for i, message in enumerate(messages):
         content = message.content
@@ -199,26 +235,22 @@ def _messages(messages: list[ChatMessage], ctx: ParseContext) -> list[dict[str, 
             raise missing(f"messages[{i}].content")
         if isinstance(content, list):  # vLLM's "string" content format: parts joined by newlines
             content = "\n".join(part.text for part in content)
-        entry = {"role": message.role, "content": content or ""}
-        out.append(entry if message.name is None else entry | {"name": message.name})
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        if message.tool_calls:
+            if message.role != "assistant":
+                raise invalid_request("Only an assistant message has 'tool_calls'.",
+                                      f"messages[{i}].tool_calls", "invalid_value")  # fmt: skip
+            entry["tool_calls"] = template_tool_calls(message.tool_calls)
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
     chars = sum(len(m["content"]) for m in out)
     if chars > ctx.max_prompt_chars:
         expected = f"messages of at most {ctx.max_prompt_chars} characters in all"
         raise value_error("messages", expected, f"{chars} characters")
     return out
-
-
-def _render_chat(
-    messages: list[dict[str, str]], ctx: ParseContext, add_generation_prompt: bool
-) -> list[int]:
-    try:
-        text = ctx.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt
-        )
-    except ChatTemplateError as err:
-        raise invalid_request(str(err), "messages", "chat_template_error") from None
-    # The template already holds the special tokens (BOS, role markers), as in vLLM.
-    return ctx.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _max_tokens(

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from disagg.shared.protocol.sampling import SamplingParams
 from disagg.shared.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from disagg.services.gateway.openai.tools import ToolPlan
 
 Kind = Literal["completion", "chat"]
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -39,6 +42,7 @@ class ParseContext:
     max_logit_bias: int = 300  # OpenAI's bound on logit_bias entries
     max_bad_words: int = 128
     max_choices: int = 16  # prompts x n in one request
+    tool_parser: str | None = None  # how 'auto' tool calls are read (tools.PARSERS)
     max_stop_chars: int = 200
     max_stop_token_ids: int = 64
 
@@ -91,6 +95,7 @@ class GenerationRequest:
     return_token_ids: bool = False
     created: int = 0
     echo_prompt_text: str | None = None
+    tools: ToolPlan | None = None  # chat with tools: how tool calls are read from the output
 
     @property
     def prompt_len(self) -> int:

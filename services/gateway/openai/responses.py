@@ -8,6 +8,7 @@ from typing import Any
 
 from disagg.services.gateway.openai.logprobs import merge
 from disagg.services.gateway.openai.request import GenerationRequest
+from disagg.services.gateway.openai.toolcalls import ToolCallReader, read_all
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -63,10 +64,16 @@ def chat_response(
     logprobs: dict[str, Any] | None = None,
     prompt_logprobs: list | None = None,
 ) -> dict[str, Any]:
-    """The non-streamed /v1/chat/completions body."""
+    """The non-streamed /v1/chat/completions body (with the tool calls read from the text)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if req.tools is not None:
+        message["content"], calls = read_all(req.tools, text)
+        if calls:
+            message["tool_calls"] = calls
+            finish_reason = tool_finish(finish_reason)
     choice: dict[str, Any] = {
         "index": req.index,
-        "message": {"role": "assistant", "content": text},
+        "message": message,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
@@ -77,6 +84,12 @@ def chat_response(
         choice["token_ids"] = list(token_ids)
         body["prompt_token_ids"] = list(req.prompt_token_ids)
     return body
+
+
+def tool_finish(finish_reason: str) -> str:
+    """A reply that called tools and ended by itself ends with "tool_calls" (OpenAI); one cut
+    by max_tokens stays "length", its last call's arguments incomplete."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def completion_chunk(
@@ -108,12 +121,17 @@ def chat_chunk(
     *,
     first: bool = False,
     logprobs: dict[str, Any] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One streamed chat chunk. The `first` one carries the role with the first content (and,
-    with return_token_ids, the prompt ids); a closing chunk with no text has an empty delta."""
+    with return_token_ids, the prompt ids); a closing chunk with no text has an empty delta;
+    `tool_calls` are OpenAI's tool call deltas."""
     message: dict[str, Any] = {"role": "assistant", "content": delta} if first else {}
     if delta and not first:
         message["content"] = delta
+    if tool_calls:
+        message["content"] = message.get("content") or None
+        message["tool_calls"] = tool_calls
     choice = {"index": req.index, "delta": message, "logprobs": logprobs,
               "finish_reason": finish_reason}  # fmt: skip
     if req.return_token_ids:
@@ -193,6 +211,7 @@ class StreamAssembler:
         self._prompt_logprobs: list | None = None
         self._num_tokens = 0
         self._build = completion_chunk if req.kind == "completion" else chat_chunk
+        self._tools = ToolCallReader(req.tools) if req.tools is not None else None
 
     def delta(
         self,
@@ -207,9 +226,12 @@ class StreamAssembler:
         self._pending_logprobs += [logprobs] if logprobs else []
         self._prompt_logprobs = self._prompt_logprobs or prompt_logprobs
         self._num_tokens += len(token_ids)
-        if not text:
+        calls = None
+        if self._tools is not None:
+            text, calls = self._tools.push(text)
+        if not text and not calls:
             return []
-        return [self._emit(text, None)]
+        return [self._emit(text, None, calls)]
 
     def finish(
         self,
@@ -226,15 +248,22 @@ class StreamAssembler:
         self._pending_logprobs += [logprobs] if logprobs else []
         self._prompt_logprobs = self._prompt_logprobs or prompt_logprobs
         self._num_tokens = usage["completion_tokens"]
-        chunks = [self._emit(text, finish_reason)]
+        calls = None
+        if self._tools is not None:
+            text, calls = self._tools.push(text, final=True)
+            finish_reason = tool_finish(finish_reason) if self._tools.calls else finish_reason
+        chunks = [self._emit(text, finish_reason, calls)]
         if self.req.include_usage:
             chunks.append(usage_chunk(self.req, usage))
         return chunks
 
-    def _emit(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def _emit(
+        self, text: str, finish_reason: str | None, tool_calls: list | None = None
+    ) -> dict[str, Any]:
+        extra = {"tool_calls": tool_calls} if tool_calls else {}
         chunk = self._build(
             self.req, text, finish_reason, self._pending_ids, first=self._first,
-            logprobs=merge(self._pending_logprobs),
+            logprobs=merge(self._pending_logprobs), **extra,
         )  # fmt: skip
         if self._prompt_logprobs is not None:  # on the first chunk that goes out
             chunk["choices"][0]["prompt_logprobs"] = self._prompt_logprobs

@@ -63,7 +63,11 @@ def structured_of(req: CompletionRequest | ChatCompletionRequest) -> Structured 
         raise invalid_request(f"Give one structured output, not {names}.", found[1][0])
     if not found:
         return None
-    param, structured = found[0]
+    return checked(*found[0], ignore_eos=bool(req.ignore_eos))
+
+
+def checked(param: str, structured: Structured, *, ignore_eos: bool) -> Structured:
+    """``structured`` once it compiles (a 400 naming ``param`` otherwise)."""
     if not structured.spec:
         raise invalid_request("The grammar is empty.", param, "invalid_value")
     if len(structured.spec) > MAX_GRAMMAR_CHARS:
@@ -73,7 +77,7 @@ def structured_of(req: CompletionRequest | ChatCompletionRequest) -> Structured 
         check(structured)
     except GrammarError as err:
         raise invalid_request(f"Invalid {structured.kind}: {err}", param, "invalid_value") from None
-    if req.ignore_eos:
+    if ignore_eos:
         message = "'ignore_eos' cannot be combined with structured output: it ends at EOS."
         raise invalid_request(message, "ignore_eos", "invalid_value")
     return structured

@@ -11,6 +11,7 @@ from disagg.services.gateway.openai.models import DetokenizeRequest, TokenizeReq
 from disagg.services.gateway.openai.parse import check_model, render_messages
 from disagg.services.gateway.openai.request import ParseContext
 from disagg.services.gateway.openai.sampling import token_ids
+from disagg.services.gateway.openai.tools import template_tools
 
 
 def tokenize(body: Any, ctx: ParseContext) -> dict[str, Any]:
@@ -18,7 +19,10 @@ def tokenize(body: Any, ctx: ParseContext) -> dict[str, Any]:
     req = validate(TokenizeRequest, body)
     check_model(req.model, ctx)
     if req.messages is not None:
-        ids = render_messages(req.messages, ctx, req.add_generation_prompt is not False)
+        ids = render_messages(
+            req.messages, ctx, req.add_generation_prompt is not False,
+            tools=template_tools(req), kwargs=req.chat_template_kwargs,
+        )  # fmt: skip
     elif req.prompt is None:
         raise missing("prompt")
     else:
