@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +109,53 @@ class Grammars:
         return self._compiler
 
 
-def apply_masks(logits, rows: list[int], matchers: list) -> None:
-    """Set to -inf, in place, every logit of row ``rows[i]`` that ``matchers[i]`` rejects."""
+@dataclass(frozen=True)
+class Masks:
+    """A step's grammar masks: which logits rows are constrained, and their token bitmask."""
+
+    rows: list[int]
+    bitmask: Any  # int32 [batch, ceil(vocab / 32)], xgrammar's layout
+
+
+def fill_masks(matchers: Sequence, vocab: int) -> Masks | None:
+    """The masks of the rows whose matcher (None: free text) has not terminated; None if none.
+    Reads the matchers only, so it may run while the forward pass does (``MaskFiller``)."""
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
-    for row, matcher in zip(rows, matchers, strict=True):
-        matcher.fill_next_token_bitmask(bitmask, row)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
+    if not rows:
+        return None
+    bitmask = xgr.allocate_token_bitmask(len(matchers), vocab)
+    for row in rows:
+        matchers[row].fill_next_token_bitmask(bitmask, row)
+    return Masks(rows, bitmask)
+
+
+def apply_masks(logits, masks: Masks) -> None:
+    """Set to -inf, in place, every logit the masks reject."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, masks.bitmask, indices=masks.rows)
+
+
+class MaskFiller:
+    """Fills a step's masks on a thread of its own while the forward pass runs (which
+    releases the GIL inside torch's kernels; xgrammar's fill holds it): the matchers only change
+    when the step's tokens are sampled, after."""
+
+    TIMEOUT_S = 60.0
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+
+    def start(self, matchers: Sequence, vocab: int) -> Future | None:
+        if all(m is None for m in matchers):
+            return None
+        return self._pool.submit(fill_masks, list(matchers), vocab)
+
+    @classmethod
+    def result(cls, pending: Future | None) -> Masks | None:
+        return None if pending is None else pending.result(timeout=cls.TIMEOUT_S)
 
 
 def _message(err: Exception) -> str:

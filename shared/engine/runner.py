@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from disagg.shared.engine.grammar import Grammars
+from disagg.shared.engine.grammar import Grammars, MaskFiller
 from disagg.shared.engine.kv_cache import KVCache
 from disagg.shared.engine.request import Request
 from disagg.shared.engine.sampler import Row, SeqState, sample
@@ -28,6 +28,7 @@ class ModelRunner:
         self, model: Transformer, kv_cache: KVCache, grammars: Grammars | None = None
     ) -> None:
         self.model, self.kv_cache, self.grammars = model, kv_cache, grammars
+        self._masks = MaskFiller() if grammars is not None else None
         self.eos_ids = frozenset(model.args.eos_token_ids)
         self._states: dict[str, SeqState] = {}
         self.last_logprobs: list[Logprob | None] = []
@@ -44,6 +45,11 @@ class ModelRunner:
         hook = None
         if on_layer is not None and plan.completing:
             hook = lambda layer: on_layer(layer, plan.completing)  # noqa: E731
+        rows = [Row(self._state(r), r.output) for r in plan.sampled]
+        masks = None  # the grammar masks, filled while the forward pass runs
+        if self._masks is not None:
+            matchers = [row.state.matcher for row in rows]
+            masks = self._masks.start(matchers, self.model.args.vocab_size)
         logits = self.model(batch, self.kv_cache, layer_hook=hook)
         sample_rows, prompt_rows = self._rows(plan)
         self.last_prompt_logprobs = {
@@ -52,8 +58,8 @@ class ModelRunner:
         }
         if prompt_rows:
             logits = logits[torch.tensor(sample_rows, dtype=torch.long)]
-        rows = [Row(self._state(r), r.output) for r in plan.sampled]
-        tokens, self.last_logprobs = sample(logits, rows, self.eos_ids)
+        masks = MaskFiller.result(masks)
+        tokens, self.last_logprobs = sample(logits, rows, self.eos_ids, masks)
         return tokens
 
     @staticmethod

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from disagg.shared.engine.grammar import Grammars, apply_masks
+from disagg.shared.engine.grammar import Grammars, Masks, apply_masks, fill_masks
 from disagg.shared.protocol.sampling import Logprob, SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -75,13 +75,17 @@ class Row:
 
 
 def sample(
-    logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int] = ()
+    logits: torch.Tensor,
+    rows: Sequence[Row],
+    eos_ids: Collection[int] = (),
+    masks: Masks | None = None,
 ) -> tuple[list[int], list[Logprob | None]]:
-    """One token per row of ``logits`` [rows, vocab] (float32), and logprobs where asked."""
+    """One token per row of ``logits`` [rows, vocab] (float32), and logprobs where asked.
+    ``masks``: the grammar masks of ``rows`` if already filled (else filled here)."""
     params = [r.state.params for r in rows]
     raw = logits
     if any(p.processed for p in params):
-        logits = _process(logits.clone(), rows, eos_ids)
+        logits = _process(logits.clone(), rows, eos_ids, masks)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     chosen = logits.argmax(dim=-1)
     if sampled:
@@ -96,7 +100,9 @@ def sample(
 # -- logits processors and penalties -------------------------------------------------------------
 
 
-def _process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int]) -> torch.Tensor:
+def _process(
+    logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int], masks: Masks | None
+) -> torch.Tensor:
     """Apply every row's processors and penalties in place; returns ``logits``."""
     neg_inf = float("-inf")
     for i, row in enumerate(rows):  # only rows that have any, and each a few tensor ops
@@ -116,14 +122,11 @@ def _process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Collection[int]
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias)
             logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype)
-    structured = [
-        i
-        for i, r in enumerate(rows)
-        if r.state.matcher is not None and not r.state.matcher.is_terminated()
-    ]
-    if structured:  # after the processors: a bias cannot bring back what the grammar rejects
-        apply_masks(logits, structured, [rows[i].state.matcher for i in structured])
-        index = torch.tensor(structured, dtype=torch.long)
+    if masks is None:
+        masks = fill_masks([r.state.matcher for r in rows], logits.shape[1])
+    if masks is not None:  # after the processors: a bias cannot bring back what the grammar rejects
+        apply_masks(logits, masks)
+        index = torch.tensor(masks.rows, dtype=torch.long)
         stuck = index[torch.isneginf(logits[index]).all(dim=-1)]
         if len(stuck) and eos_ids:  # only the end was left and min_tokens forbade it: end
             logits[stuck, min(eos_ids)] = 0.0
