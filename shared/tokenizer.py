@@ -83,7 +83,7 @@ class Tokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except TemplateError as err:
+        except Exception as err:  # a template's own error, or one the request's values caused
             raise ChatTemplateError(f"chat template failed: {err}") from None
 
 

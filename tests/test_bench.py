@@ -222,6 +222,11 @@ def test_chunks_fold_into_a_record():
     assert (rec.prompt_len, rec.num_output_tokens) == (4, 3)
     bench_client.apply_chunk(rec, {"error": {"message": "worker died"}}, 0.5)
     assert rec.error == "worker died"
+    # one chunk per token without ids (llama-cpp-python): an empty text before the end is a
+    # token that ends inside a character; the empty closing chunk is none
+    assert bench_client.chunk_token_count({"choices": [{"text": "", "finish_reason": None}]}) == 1
+    end = {"choices": [{"text": "", "finish_reason": "length"}]}
+    assert bench_client.chunk_token_count(end) == 0
 
 
 def _sse(*objs) -> bytes:

@@ -182,6 +182,11 @@ def interpreted(tmp_path_factory) -> tuple[dict, dict]:
     """(cases, Triton results), from one TRITON_INTERPRET=1 subprocess for the whole module."""
     if not _triton.HAS_TRITON:
         pytest.skip("triton is not installed")
+    if os.environ.get("DISAGG_KERNEL_TESTS_ON_CUDA") == "1":  # compiled, on a GPU (gpu_check.sh)
+        assert torch.cuda.is_available(), "DISAGG_KERNEL_TESTS_ON_CUDA=1 needs a CUDA device"
+        cases = triton_cases()
+        results = {n: _moved(run_triton_case(_moved(c, "cuda")), "cpu") for n, c in cases.items()}
+        return cases, results
     folder = tmp_path_factory.mktemp("triton")
     cases_path, results_path = folder / "cases.pt", folder / "results.pt"
     cases = triton_cases()
@@ -194,6 +199,17 @@ def interpreted(tmp_path_factory) -> tuple[dict, dict]:
     if proc.returncode != 0:
         pytest.fail(f"interpreter subprocess failed:\n{proc.stderr[-4000:]}")
     return cases, torch.load(results_path, weights_only=True)
+
+
+def _moved(value, device: str):
+    """``value`` (tensors in dicts and lists) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_moved(v, device) for v in value)
+    return value
 
 
 TRITON_CASE_NAMES = list(triton_cases())

@@ -34,6 +34,15 @@ WEATHER = {
 }
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 HERMES = ToolPlan("auto", parser="hermes")
+# as pydantic (and so the SDK's pydantic_function_tool) writes nested models: $refs to its root
+PLACE = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+DEFS = {"type": "function", "function": {"name": "route", "parameters": {
+    "type": "object", "$defs": {"Place": PLACE},
+    "properties": {"start": {"$ref": "#/$defs/Place"}, "end": {"$ref": "#/$defs/Place"}},
+    "required": ["start", "end"]}}}  # fmt: skip
+DEFS_TOO = {"type": "function", "function": {"name": "visit", "parameters": {
+    "type": "object", "$defs": {"Place": {"type": "string"}},
+    "properties": {"at": {"$ref": "#/$defs/Place"}}}}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +94,8 @@ def test_tool_choice_becomes_a_grammar_or_a_parser(ctx):
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters":
           {"type": "objectx"}}}], "tool_choice": "required"}, "tools"),
         ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"chat_template_kwargs": {"raise_exception": 1}}, "chat_template_kwargs"),
+        ({"tools": [DEFS, DEFS_TOO], "tool_choice": "required"}, "tools"),  # clashing $defs
         ({"tools": [WEATHER], "tool_choice": "required", "ignore_eos": True}, "ignore_eos"),
         ({"messages": [{"role": "user", "content": "x", "tool_calls": []}], "tools": [WEATHER],
           "tool_choice": "none"}, None),  # an empty list is no calls: accepted
@@ -159,10 +170,11 @@ def _fold(plan: ToolPlan, pieces: list[str]) -> tuple[str, list[tuple[str, str]]
         deltas += out
         for d in out:
             if "id" in d:
-                assert d["index"] == len(calls) and d["function"]["arguments"] == ""
-                calls.append([d["function"]["name"], ""])
+                assert d["index"] == len(calls) and d["type"] == "function"
+                calls.append([d["function"]["name"], d["function"]["arguments"]])
             else:
                 calls[d["index"]][1] += d["function"]["arguments"]
+        assert len({d["index"] for d in out}) == len(out)  # one delta per call and chunk
     return "".join(content), [tuple(c) for c in calls], deltas
 
 
@@ -196,9 +208,8 @@ def test_stream_chunks_and_bodies_carry_tool_calls_and_their_finish(ctx):
     chunks += assembler.finish("stop", usage(3, 2))
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0] == {"role": "assistant", "content": "Hm."}
-    (call,) = deltas[1]["tool_calls"][:1]
-    assert deltas[1]["content"] is None and call["function"] == {
-        "name": "get_weather", "arguments": ""}  # fmt: skip
+    (call,) = deltas[1]["tool_calls"]
+    assert deltas[1]["content"] is None and call["function"]["name"] == "get_weather"
     pieces = [tc["function"]["arguments"] for d in deltas for tc in d.get("tool_calls", [])]
     arguments = "".join(pieces)
     assert json.loads(arguments) == {"city": "Oslo"}
@@ -214,3 +225,21 @@ def test_stream_chunks_and_bodies_carry_tool_calls_and_their_finish(ctx):
     plain = chat_response(req, "no calls", "stop", usage(3, 2))["choices"][0]
     assert plain["message"] == {"role": "assistant", "content": "no calls"}
     assert plain["finish_reason"] == "stop"
+
+
+def test_required_keeps_each_tools_defs_reachable(ctx):
+    """A tool's $defs move to the root of the calls' schema, where its $refs point (the parse
+    compiles the grammar: an unresolved $ref would be a 400)."""
+    req = chat(ctx, tools=[DEFS, WEATHER], tool_choice="required")
+    schema = json.loads(req.params.structured.spec)
+    assert schema["$defs"] == {"Place": PLACE}
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+
+
+def test_a_template_error_the_request_causes_is_a_400(tok):
+    from disagg.shared.tokenizer import ChatTemplateError
+
+    broken = Tokenizer.__new__(Tokenizer)
+    broken.__dict__ |= tok.__dict__ | {"chat_template": "{{ messages[0].content + extra }}"}
+    with pytest.raises(ChatTemplateError, match="chat template failed"):
+        broken.apply_chat_template([{"role": "user", "content": "a"}], extra=1)

@@ -72,13 +72,16 @@ def chunk_token_ids(chunk: dict[str, Any]) -> list[int] | None:
 
 
 def chunk_token_count(chunk: dict[str, Any]) -> int:
-    """How many output tokens a chunk carries (without ids: 1 if it has any text)."""
+    """How many output tokens a chunk carries. Without ids: 1 if it has any text, or, for a
+    completion, 1 for a chunk before the last (servers streaming one chunk per token, such as
+    llama-cpp-python, send an empty one for a token that ends inside a character)."""
     ids = chunk_token_ids(chunk)
     if ids is not None:
         return len(ids)
     choice = chunk["choices"][0]
-    text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
-    return 1 if text else 0
+    if "text" in choice:
+        return 1 if choice["text"] or choice.get("finish_reason") is None else 0
+    return 1 if (choice.get("delta") or {}).get("content") else 0
 
 
 def apply_chunk(rec: RequestRecord, chunk: dict[str, Any], now: float) -> None:

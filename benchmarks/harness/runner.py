@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -36,6 +37,7 @@ class RunConfig:
     duration_s: float | None = None
     request_timeout_s: float = 600.0
     api_key: str | None = None
+    extra_body: tuple[tuple[str, Any], ...] = ()  # fields added to every request body
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -90,6 +92,7 @@ class _Sender:
 
     async def __call__(self, req: TraceRequest) -> RequestRecord:
         body = build_payload(req, self.model, self.cfg.endpoint, self.detokenize)
+        body |= dict(self.cfg.extra_body)
         rec = RequestRecord(kind=req.kind, sent_at=0.0, prompt_len=req.prompt_len)
         return await send_request(self.client, self.cfg.url, body, rec, self.cfg.request_timeout_s)
 

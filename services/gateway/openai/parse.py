@@ -108,6 +108,8 @@ def parse_chat(
     max_tokens = _max_tokens(requested, len(prompt_ids), ctx, "chat")
     request = _request("chat", common, prompt_ids, max_tokens, request_id, created)
     request.tools = plan
+    if plan is not None and plan.mode == "auto" and req.skip_special_tokens is None:
+        request.skip_special_tokens = False  # a family may write its call tags as special tokens
     return with_choices([request], common.n, ctx)
 
 
@@ -224,7 +226,8 @@ def render_messages(
     return ctx.tokenizer.encode(text, add_special_tokens=False)
 
 
-RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                          "raise_exception"}  # fmt: skip
 
 
 def _messages(messages: list[ChatMessage], ctx: ParseContext) -> list[dict[str, Any]]:

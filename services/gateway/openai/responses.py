@@ -88,7 +88,8 @@ def chat_response(
 
 def tool_finish(finish_reason: str) -> str:
     """A reply that called tools and ended by itself ends with "tool_calls" (OpenAI); one cut
-    by max_tokens stays "length", its last call's arguments incomplete."""
+    by max_tokens stays "length" (a named call's arguments incomplete; of `required` and
+    `auto`, the calls that closed)."""
     return "tool_calls" if finish_reason == "stop" else finish_reason
 
 

@@ -1,7 +1,8 @@
 """Tool calls read back from generated text, as it streams: ``ToolCallReader`` takes text
 deltas and gives content text and OpenAI's streamed ``tool_calls`` deltas (a call's first delta
-has its ``index``, ``id``, ``type`` and ``function.name`` with empty arguments; later ones add to
-``function.arguments``). ``read_all`` folds the same into a message's ``(content, tool_calls)``.
+has its ``index``, ``id``, ``type``, ``function.name`` and the arguments so far; later ones add
+to ``function.arguments``; a call has one delta per chunk). ``read_all`` folds the same into a
+message's ``(content, tool_calls)``.
 
 Per ``ToolPlan.mode``: ``named``: the text is the arguments, streamed as they come;
 ``required``: a JSON array of ``{"name", "parameters"}``, a call going out as each element
@@ -44,15 +45,16 @@ class ToolCallReader:
             return "", self._required()
         return self._hermes(final)
 
-    def _call(self, name: str, arguments: str | None) -> list[dict[str, Any]]:
+    def _call(self, name: str, arguments: str) -> list[dict[str, Any]]:
+        """A new call's one delta (an index appears once per chunk, as OpenAI sends it)."""
         index, self.calls = self.calls, self.calls + 1
-        head = {"index": index, "id": new_call_id(), "type": "function",
-                "function": {"name": name, "arguments": ""}}  # fmt: skip
-        return [head] + ([_arguments(index, arguments)] if arguments else [])
+        return [{"index": index, "id": new_call_id(), "type": "function",
+                 "function": {"name": name, "arguments": arguments}}]  # fmt: skip
 
     def _named(self, text: str, final: bool) -> list[dict[str, Any]]:
-        out = self._call(self.plan.name, None) if self.calls == 0 and (text or final) else []
-        return out + ([_arguments(0, text)] if text else [])
+        if self.calls == 0:
+            return self._call(self.plan.name, text) if text or final else []
+        return [_arguments(0, text)] if text else []
 
     def _required(self) -> list[dict[str, Any]]:
         out, buf = [], self._buf

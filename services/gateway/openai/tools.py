@@ -121,14 +121,23 @@ def _parameters(tool: Tool) -> dict[str, Any]:
 
 
 def _calls_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
-    one_of_them = [
-        {"type": "object",
-         "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
-         "required": ["name", "parameters"], "additionalProperties": False}
-        for t in tools
-    ]  # fmt: skip
+    """The array of calls; each tool's ``$defs`` move to its root, where their ``$ref``s
+    (``#/$defs/...``, as pydantic writes them) point once the parameters are nested."""
+    defs: dict[str, Any] = {}
+    one_of_them = []
+    for t in tools:
+        parameters = dict(_parameters(t))
+        for name, definition in (parameters.pop("$defs", None) or {}).items():
+            if defs.setdefault(name, definition) != definition:
+                message = f"Two tools define '$defs.{name}' differently; rename one."
+                raise invalid_request(message, "tools", "invalid_value")
+        one_of_them.append(
+            {"type": "object",
+             "properties": {"name": {"const": t.function.name}, "parameters": parameters},
+             "required": ["name", "parameters"], "additionalProperties": False}
+        )  # fmt: skip
     schema = {"type": "array", "minItems": 1, "items": {"anyOf": one_of_them}}
-    return schema | ({} if parallel else {"maxItems": 1})
+    return schema | ({} if parallel else {"maxItems": 1}) | ({"$defs": defs} if defs else {})
 
 
 def template_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
