@@ -41,18 +41,19 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from disagg.benchmarks.harness import report
 from disagg.benchmarks.harness.checkpoint import bench_checkpoint, cache_root
 from disagg.benchmarks.harness.foreign import (
     ServerProcess,
+    add_common_args,
     agreement,
+    finish,
     make_venv,
     probe,
+    report_pair,
     run_logged,
     send,
     venv_python,
 )
-from disagg.benchmarks.harness.metrics import parse_slos, ratios
 from disagg.benchmarks.harness.stack import UpProcess
 from disagg.benchmarks.harness.workload import WorkloadSpec, make_trace, warmup_trace
 from disagg.cli.procs import free_port
@@ -159,22 +160,10 @@ def greedy_texts(base_url: str, prompts: list[str], n: int, extra: dict) -> list
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=None, help="HF folder (default: ~100M Llama)")
-    p.add_argument("--venv", type=Path, default=cache_root() / "llamacpp-venv")
+    add_common_args(p, "llamacpp-venv", 600.0)
     p.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"))
     p.add_argument("--llamacpp-args", default="--n_ctx 2048 --n_batch 512",
                    help="extra llama_cpp.server flags")  # fmt: skip
-    p.add_argument("--disagg-args", default="--mode agg --decode 1", help="extra `disagg up` flags")
-    p.add_argument("--core", type=int, default=min(os.sched_getaffinity(0)), help="engine core")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--max-concurrency", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:2000,tpot:200")
-    p.add_argument("--ready-timeout-s", type=float, default=600.0)
-    p.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="servers' logs")
-    p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
 
@@ -233,26 +222,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_results(args, ours, theirs, version: str, texts: dict) -> int:
-    slos = parse_slos(args.slo)
-    config = {k: str(v) for k, v in vars(args).items()} | {"llamacpp_version": version}
-    docs = {
-        "llamacpp": report.result_document(theirs.records, slos, config),
-        "disagg": report.result_document(ours.records, slos, config),
-    }
-    out = {"modes": docs, "ratios": ratios(docs["llamacpp"], docs["disagg"])}
-    out["greedy_texts"] = texts
+    config = {"llamacpp_version": version}
     title = "disagg vs llama.cpp (CPU, one core each)"
-    report.print_table(report.render_table(docs, out["ratios"], title=title))
-    report.print_failures(docs)
-    for label, result in (("llamacpp", theirs), ("disagg", ours)):
-        docs[label]["other_cpu_share"] = share = result.other_cpu_share
-        if share is not None:
-            print(f"{label}: other processes used {share:.0%} of this machine's CPU meanwhile")
+    out = report_pair(args, "llamacpp", ours, theirs, config, title)
+    out["greedy_texts"] = texts
     print(f"greedy texts of {texts.get('compared', 0)} prompts, identical: "
           f"{texts.get('identical', 0)}")  # fmt: skip
-    if args.json:
-        report.write_json(args.json, out)
-    return 0 if all(d["completed"] for d in docs.values()) else 1
+    return finish(args, out)
 
 
 if __name__ == "__main__":

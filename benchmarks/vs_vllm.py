@@ -26,20 +26,21 @@ import shlex
 import sys
 from pathlib import Path
 
-from disagg.benchmarks.harness import report
-from disagg.benchmarks.harness.checkpoint import bench_checkpoint, cache_root
+from disagg.benchmarks.harness.checkpoint import bench_checkpoint
 from disagg.benchmarks.harness.foreign import (
     ServerProcess,
+    add_common_args,
     agreement,
+    finish,
     hf_greedy,
     ids_of,
     make_venv,
     probe,
+    report_pair,
     run_logged,
     send,
     venv_python,
 )
-from disagg.benchmarks.harness.metrics import parse_slos, ratios
 from disagg.benchmarks.harness.runner import RunResult
 from disagg.benchmarks.harness.stack import UpProcess
 from disagg.benchmarks.harness.workload import WorkloadSpec, make_trace, warmup_trace
@@ -81,20 +82,8 @@ class VllmServer(ServerProcess):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=None, help="HF folder (default: ~100M Llama)")
-    p.add_argument("--venv", type=Path, default=cache_root() / "vllm-venv")
+    add_common_args(p, "vllm-venv", 1200.0)
     p.add_argument("--vllm-args", default="--max-model-len 2048", help="extra vLLM server flags")
-    p.add_argument("--disagg-args", default="--mode agg --decode 1", help="extra `disagg up` flags")
-    p.add_argument("--core", type=int, default=min(os.sched_getaffinity(0)), help="engine core")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--max-concurrency", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:2000,tpot:200")
-    p.add_argument("--ready-timeout-s", type=float, default=1200.0)
-    p.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="servers' logs")
-    p.add_argument("--json", type=Path, default=None)
     p.add_argument("--no-hf-check", dest="hf_check", action="store_false",
                    help="skip comparing both servers' greedy ids with transformers")  # fmt: skip
     return p.parse_args(argv)
@@ -134,25 +123,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_results(args, ours: RunResult, theirs: RunResult, version: str, tokens: dict) -> int:
-    slos = parse_slos(args.slo)
-    config = {k: str(v) for k, v in vars(args).items()} | {"vllm_version": version}
-    docs = {
-        "vllm": report.result_document(theirs.records, slos, config),
-        "disagg": report.result_document(ours.records, slos, config),
-    }
-    out = {"modes": docs, "ratios": ratios(docs["vllm"], docs["disagg"])}
+    config = {"vllm_version": version}
+    out = report_pair(args, "vllm", ours, theirs, config, title="disagg vs vLLM (CPU)")
     out["greedy_tokens"] = tokens
-    report.print_table(report.render_table(docs, out["ratios"], title="disagg vs vLLM (CPU)"))
-    report.print_failures(docs)
-    for label, result in (("vllm", theirs), ("disagg", ours)):
-        docs[label]["other_cpu_share"] = share = result.other_cpu_share
-        if share is not None:
-            print(f"{label}: other processes used {share:.0%} of this machine's CPU meanwhile")
     for name, stats in tokens.items():
         print(f"greedy token ids, {name.replace('_', ' ')}: {stats}")
-    if args.json:
-        report.write_json(args.json, out)
-    return 0 if all(d["completed"] for d in docs.values()) else 1
+    return finish(args, out)
 
 
 if __name__ == "__main__":

@@ -140,8 +140,9 @@ def test_hermes_calls_are_read_out_of_the_content():
     ]  # fmt: skip
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
     assert len({c["id"] for c in calls}) == 2
-    content, calls = read_all(replace(HERMES, parallel=False), text)
+    content, calls = read_all(replace(HERMES, parallel=False), text + "\n\nbye")
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert content == read_all(HERMES, text + "\n\nbye")[0] == "Let me look.\n\n\n\nbye"
     # not a call: a block that is no JSON call, text without blocks
     assert read_all(HERMES, "a <tool_call>oops</tool_call> b") == (
         "a <tool_call>oops</tool_call> b", [])  # fmt: skip

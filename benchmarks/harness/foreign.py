@@ -4,6 +4,7 @@ each with the CPU other processes took meanwhile, and how far greedy outputs agr
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -17,6 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from disagg.benchmarks.harness import report
+from disagg.benchmarks.harness.checkpoint import cache_root
+from disagg.benchmarks.harness.metrics import parse_slos, ratios
 from disagg.benchmarks.harness.runner import RunConfig, RunResult, run_trace
 from disagg.benchmarks.harness.stack import ForeignCpu
 from disagg.benchmarks.harness.workload import TraceRequest
@@ -161,3 +165,50 @@ def _common_prefix(a: list, b: list) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+# -- arguments and report -----------------------------------------------------------------------
+
+
+def add_common_args(p: argparse.ArgumentParser, venv: str, ready_timeout_s: float) -> None:
+    """The arguments every comparison takes: model, venv, cores, the trace, outputs."""
+    p.add_argument("--model", type=Path, default=None, help="HF folder (default: ~100M Llama)")
+    p.add_argument("--venv", type=Path, default=cache_root() / venv)
+    p.add_argument("--disagg-args", default="--mode agg --decode 1", help="extra `disagg up` flags")
+    p.add_argument("--core", type=int, default=min(os.sched_getaffinity(0)), help="engine core")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--max-concurrency", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo", default=None, help="goodput SLOs in ms, e.g. ttft:2000,tpot:200")
+    p.add_argument("--ready-timeout-s", type=float, default=ready_timeout_s)
+    p.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="servers' logs")
+    p.add_argument("--json", type=Path, default=None)
+
+
+def report_pair(
+    args, theirs_label: str, ours: RunResult, theirs: RunResult, config: dict, title: str
+) -> dict[str, Any]:
+    """Print every metric of both runs as disagg / theirs and the CPU others took; returns the
+    JSON document (``modes``, ``ratios``), written by the caller once it has added to it."""
+    slos = parse_slos(args.slo)
+    config = {k: str(v) for k, v in vars(args).items()} | config
+    docs = {
+        theirs_label: report.result_document(theirs.records, slos, config),
+        "disagg": report.result_document(ours.records, slos, config),
+    }
+    out = {"modes": docs, "ratios": ratios(docs[theirs_label], docs["disagg"])}
+    report.print_table(report.render_table(docs, out["ratios"], title=title))
+    report.print_failures(docs)
+    for label, result in ((theirs_label, theirs), ("disagg", ours)):
+        docs[label]["other_cpu_share"] = share = result.other_cpu_share
+        if share is not None:
+            print(f"{label}: other processes used {share:.0%} of this machine's CPU meanwhile")
+    return out
+
+
+def finish(args, out: dict[str, Any]) -> int:
+    if args.json:
+        report.write_json(args.json, out)
+    return 0 if all(d["completed"] for d in out["modes"].values()) else 1

@@ -104,8 +104,9 @@ class ToolCallReader:
             call = _hermes_call(body)
             if call is None:
                 content.append(self._content(raw))
-            elif self.plan.parallel or self.calls == 0:
-                calls += self._call(*call)
+            else:  # a call (kept, or dropped without parallel_tool_calls): no space around it
+                if self.plan.parallel or self.calls == 0:
+                    calls += self._call(*call)
                 self._held_space = ""
             if end < 0:
                 break
