@@ -203,6 +203,18 @@ async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
     return event.is_set()
 
 
+async def request(nc: NATS, subject: str, payload: bytes, timeout: float) -> Msg:
+    """``nc.request``, keeping a cancellation that lands as the reply does: nats-py awaits the
+    reply with ``wait_for``, which on Python 3.11 then returns the reply and drops the cancel
+    (an abort or a gone client would go unheard and the request run to its end)."""
+    task = asyncio.current_task()
+    cancels = task.cancelling() if task is not None else 0
+    msg = await nc.request(subject, payload, timeout=timeout)
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError
+    return msg
+
+
 async def unless(trigger: Callable[[], Awaitable[Any]], work: Awaitable[T]) -> T:
     """Await `work` in this task; if `trigger()` returns first, cancel `work` (its cleanup
     runs) and raise Interrupted. Errors of `work` propagate unchanged."""
@@ -267,7 +279,7 @@ async def ask_role(
     """Ask one worker to drain and go on as ``role`` (a ``RoleRequest``): its reply, or its
     error reply (it is draining already). NATS errors (no such worker, no answer) propagate."""
     body = encode(RoleRequest(role=role, drain_s=drain_s))
-    msg = await nc.request(subjects.role(worker_id), body, timeout=timeout)
+    msg = await request(nc, subjects.role(worker_id), body, timeout)
     return decode_reply(RoleReply, msg.data)
 
 

@@ -43,7 +43,7 @@ from disagg.shared.protocol.codec import ErrorBody, decode_reply
 from disagg.shared.protocol.messages import AbortReply, Heartbeat, StreamChunk
 from disagg.shared.protocol.sampling import Logprob, SamplingParams
 from disagg.shared.protocol.types import MAX_ID_LEN, check_id
-from disagg.shared.service import NatsAuth, NatsConfig, NatsRefused, connect_nats
+from disagg.shared.service import NatsAuth, NatsConfig, NatsRefused, connect_nats, request
 from disagg.shared.transfer.loopback import Loopback
 from tests.cluster import (
     STARTUP_S,
@@ -252,6 +252,40 @@ def test_gateway_leases_expire_after_silence_but_not_during_our_own_outage():
     connected[0] = True
     assert leases.expire(21.0) == []  # every lease renewed at the reconnection
     assert leases.expire(24.5) == ["gw-b"]
+
+
+def test_a_cancel_landing_with_a_nats_reply_is_kept():
+    """nats-py awaits a reply with ``wait_for``; on Python 3.11 a cancel (an abort, a client
+    gone) that lands in the loop iteration the reply does is dropped and the reply returned."""
+
+    class Nc:  # the shape of nats-py's request
+        def __init__(self) -> None:
+            self.reply = asyncio.get_running_loop().create_future()
+
+        async def request(self, subject: str, payload: bytes, timeout: float):
+            return await asyncio.wait_for(self.reply, timeout)
+
+    async def race(call) -> tuple[str, int]:
+        nc = Nc()
+        task = asyncio.create_task(call(nc))
+        await asyncio.sleep(0)  # it waits for its reply
+        nc.reply.set_result("msg")
+        task.cancel()  # in the same iteration
+        try:
+            return await task, task.cancelling()
+        except asyncio.CancelledError:
+            return "cancelled", task.cancelling()
+
+    async def answered(call) -> str:
+        nc = Nc()
+        task = asyncio.create_task(call(nc))
+        await asyncio.sleep(0)
+        nc.reply.set_result("msg")
+        return await task
+
+    kept = asyncio.run(race(lambda nc: request(nc, "s", b"", 5)))
+    assert kept == ("cancelled", 1)
+    assert asyncio.run(answered(lambda nc: request(nc, "s", b"", 5))) == "msg"
 
 
 def test_decode_fails_transfers_of_a_dead_prefill_and_bounds_admission(checkpoints):

@@ -49,7 +49,7 @@ from disagg.shared.protocol.messages import (
 from disagg.shared.protocol.sampling import SamplingParams
 from disagg.shared.protocol.subjects import Subjects
 from disagg.shared.protocol.types import DEFAULT_BLOCK_SIZE, MessageError, Role
-from disagg.shared.service import Interrupted, sleep_unless, unless
+from disagg.shared.service import Interrupted, request, sleep_unless, unless
 
 __all__ = ["Backend", "BackendError", "TokenEvent"]
 
@@ -346,7 +346,7 @@ class Backend:
 
     async def _call(self, subject: str, msg: Message, reply_cls, timeout: float, what: str):
         try:
-            resp = await self.nc.request(subject, encode(msg), timeout=timeout)
+            resp = await request(self.nc, subject, encode(msg), timeout)
             reply = decode_reply(reply_cls, resp.data)
         except nats.errors.NoRespondersError:
             message = f"no {what} is available"
@@ -378,7 +378,7 @@ class Backend:
         body = encode(AbortRequest(request_id=attempt_id, reason="client gone or request ended"))
         for worker_id in holders:
             try:
-                await self.nc.request(self.subjects.abort(worker_id), body, timeout=ABORT_TIMEOUT_S)
+                await request(self.nc, self.subjects.abort(worker_id), body, ABORT_TIMEOUT_S)
             except (nats.errors.Error, TimeoutError) as err:
                 log.info("abort_failed", request_id=attempt_id, worker_id=worker_id,
                          error=type(err).__name__)  # fmt: skip

@@ -33,7 +33,7 @@ from disagg.services.gateway.openai.errors import APIError, internal_error, inva
 from disagg.services.gateway.openai.request import GenerationRequest
 from disagg.shared.log import get_logger
 from disagg.shared.protocol.subjects import Subjects
-from disagg.shared.service import publish
+from disagg.shared.service import publish, request
 
 log = get_logger("disagg.gateway")
 DONE = b'{"done": true}'
@@ -129,7 +129,7 @@ class NatsApi:
         while not task.done():
             await asyncio.sleep(self.probe_s)
             try:
-                await self.nc.request(inbox, KEEPALIVE, timeout=PROBE_TIMEOUT_S)
+                await request(self.nc, inbox, KEEPALIVE, PROBE_TIMEOUT_S)
             except nats.errors.NoRespondersError:
                 log.info("nats_client_gone", inbox=inbox)
                 self._gone.add(inbox)
