@@ -13,12 +13,14 @@ weighted sum are computed in float32; the output has ``q``'s dtype. A sequence w
 The Triton kernel runs one program per (sequence, kv head): it loads the group of query heads
 that share the kv head once, then walks the sequence's blocks with an online softmax, so each
 K/V block is read from memory once per kv head. The torch reference gathers the blocks of a
-chunk of sequences into dense tensors and runs a masked softmax; it is the CPU serving path.
+chunk of sequences into dense tensors and runs one masked SDPA call (the fused CPU kernel); it is
+the CPU serving path.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from disagg.kernels._triton import (
     HAS_TRITON,
@@ -114,15 +116,13 @@ def _ref_chunk(
     # k, v: [batch, kv_heads, tokens, head_dim], gathered in one pass in matmul-friendly order
     k = k_rows.index_select(0, rows.flatten()).view(*rows.shape, head_dim).float()
     v = v_rows.index_select(0, rows.flatten()).view(*rows.shape, head_dim).float()
-    # qg: [batch, kv_heads, group, head_dim]; query head h = kv_head * group + g
-    qg = q.float().reshape(batch, kv_heads, group, head_dim)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [batch, kv_heads, group, tokens]
     valid = torch.arange(tokens, device=q.device) < context_lens[:, None].long()
-    valid = valid[:, None, None, :]
-    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-    # An empty context gives an all -inf row whose softmax is NaN; it is fully masked here.
-    probs = probs.masked_fill(~valid, 0.0)
-    out = torch.matmul(probs, v)  # [batch, kv_heads, group, head_dim]
+    out = F.scaled_dot_product_attention(
+        q.float()[:, :, None], k, v, attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=group > 1,
+    )  # fmt: skip
+    # An empty context (batch padding) is a fully masked row, NaN out of the softmax: zero it.
+    out = out.masked_fill((context_lens == 0)[:, None, None, None], 0.0)
     return out.view(batch, num_heads, head_dim).to(q.dtype)
 
 
