@@ -70,6 +70,7 @@ def test_distribution_matches_numpy():
     assert stats["std_itl_ms"] == pytest.approx(ms.std())
     assert stats["p90_itl_ms"] == pytest.approx(np.percentile(ms, 90))
     assert stats["p99_itl_ms"] == pytest.approx(np.percentile(ms, 99))
+    assert stats["p99.9_itl_ms"] == pytest.approx(np.percentile(ms, 99.9))
     assert set(metrics.distribution_ms("itl", []).values()) == {None}
 
 

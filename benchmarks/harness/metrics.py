@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PERCENTILES = (90.0, 99.0)
+PERCENTILES = (90.0, 99.0, 99.9)  # vLLM bench names p99.9 "p99.9_itl_ms"
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
 SLO_NAMES = ("ttft", "tpot", "e2el")
 PREFIX_CACHE_QUERIES = "disagg:prefix_cache_queries_total"  # prompt tokens looked up

@@ -32,7 +32,13 @@ ROWS: tuple[tuple[str, str, float, str], ...] = (
     *(
         (f"{stat} {name.upper()} ms", f"{key}_{name}_ms", 1, "{:.1f}")
         for name in ("ttft", "tpot", "itl", "e2el")
-        for stat, key in (("mean", "mean"), ("p50", "median"), ("p90", "p90"), ("p99", "p99"))
+        for stat, key in (
+            ("mean", "mean"),
+            ("p50", "median"),
+            ("p90", "p90"),
+            ("p99", "p99"),
+            ("p99.9", "p99.9"),
+        )
     ),
     ("prefix cache hit %", "prefix_cache_hit_rate", 100, "{:.1f}"),
 )
