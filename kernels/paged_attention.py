@@ -18,6 +18,7 @@ the CPU serving path.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,42 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _REF_GATHER_BYTES = 8 * 2**20
 
 
+@dataclass(frozen=True)
+class GatherPlan:
+    """Where the reference finds a step's decode K/V: per chunk of sequences, the cache row of
+    each (sequence, kv head, token), which tokens are valid and which contexts are empty. It is
+    the same in every layer of a step, so the model builds it once (`decode_gather_plan`)."""
+
+    chunks: tuple[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor], ...]
+
+
+def decode_gather_plan(
+    k_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+) -> GatherPlan | None:
+    """The plan for one step's layers, or None where the Triton kernel runs (it needs none)."""
+    if use_triton(k_cache, block_tables, context_lens):
+        return None
+    return _gather_plan(block_tables, context_lens, k_cache.shape)
+
+
+def _gather_plan(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, cache_shape: torch.Size
+) -> GatherPlan:
+    block_size, kv_heads, head_dim = cache_shape[1], cache_shape[2], cache_shape[3]
+    batch = block_tables.shape[0]
+    tokens = int(context_lens.max()) if batch else 0
+    per = max(1, _REF_GATHER_BYTES // max(1, 2 * 4 * tokens * kv_heads * head_dim))
+    chunks = []
+    for start in range(0, batch, per):
+        part = slice(start, start + per)
+        lens = context_lens[part]
+        n = int(lens.max())
+        rows = _gather_rows(block_tables[part], n, block_size, kv_heads)
+        valid = torch.arange(n, device=lens.device) < lens[:, None].long()
+        chunks.append((part, rows, valid, lens == 0))
+    return GatherPlan(tuple(chunks))
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -46,6 +83,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    plan: GatherPlan | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache: Triton on CUDA, the torch reference elsewhere.
 
@@ -57,6 +95,8 @@ def paged_decode_attention(
         context_lens: int32 [batch], valid KV tokens per sequence (at most
             max_blocks * block_size; not checked, as that would synchronise the device).
         scale: softmax scale, usually head_dim ** -0.5.
+        plan: the reference's `decode_gather_plan` for these tables, shared by a step's layers
+            (built here when None).
 
     Returns:
         [batch, num_heads, head_dim] in q.dtype.
@@ -64,7 +104,7 @@ def paged_decode_attention(
     args = (q, k_cache, v_cache, block_tables, context_lens)
     if use_triton(*args):
         return paged_decode_attention_triton(*args, scale)
-    return paged_decode_attention_ref(*args, scale)
+    return paged_decode_attention_ref(*args, scale, plan)
 
 
 def paged_decode_attention_ref(
@@ -74,6 +114,7 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    plan: GatherPlan | None = None,
 ) -> torch.Tensor:
     """Plain-torch paged decode attention; same contract as `paged_decode_attention`.
 
@@ -82,19 +123,13 @@ def paged_decode_attention_ref(
     """
     _check_args(q, k_cache, v_cache, block_tables, context_lens)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    batch, _, head_dim = q.shape
-    if batch == 0:
+    if q.shape[0] == 0:
         return out
-    tokens = int(context_lens.max())
-    kv_heads = k_cache.shape[2]
+    plan = plan or _gather_plan(block_tables, context_lens, k_cache.shape)
     # rows of the caches viewed as [num_blocks * block_size * kv_heads, head_dim]
     k_rows, v_rows = k_cache.flatten(0, 2), v_cache.flatten(0, 2)
-    chunk = max(1, _REF_GATHER_BYTES // max(1, 2 * 4 * tokens * kv_heads * head_dim))
-    for start in range(0, batch, chunk):
-        part = slice(start, start + chunk)
-        out[part] = _ref_chunk(
-            q[part], k_rows, v_rows, block_tables[part], context_lens[part], scale, k_cache.shape
-        )
+    for part, rows, valid, empty in plan.chunks:
+        out[part] = _ref_chunk(q[part], k_rows, v_rows, rows, valid, empty, scale)
     return out
 
 
@@ -102,27 +137,22 @@ def _ref_chunk(
     q: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    rows: torch.Tensor,
+    valid: torch.Tensor,
+    empty: torch.Tensor,
     scale: float,
-    cache_shape: torch.Size,
 ) -> torch.Tensor:
     """Reference attention for a chunk of sequences, gathering K/V rows into dense tensors."""
     batch, num_heads, head_dim = q.shape
-    block_size, kv_heads = cache_shape[1], cache_shape[2]
-    group = num_heads // kv_heads
-    tokens = int(context_lens.max())
-    rows = _gather_rows(block_tables, tokens, block_size, kv_heads)  # [batch, kv_heads, tokens]
     # k, v: [batch, kv_heads, tokens, head_dim], gathered in one pass in matmul-friendly order
     k = k_rows.index_select(0, rows.flatten()).view(*rows.shape, head_dim).float()
     v = v_rows.index_select(0, rows.flatten()).view(*rows.shape, head_dim).float()
-    valid = torch.arange(tokens, device=q.device) < context_lens[:, None].long()
     out = F.scaled_dot_product_attention(
         q.float()[:, :, None], k, v, attn_mask=valid[:, None, None, :], scale=scale,
-        enable_gqa=group > 1,
+        enable_gqa=num_heads != rows.shape[1],
     )  # fmt: skip
     # An empty context (batch padding) is a fully masked row, NaN out of the softmax: zero it.
-    out = out.masked_fill((context_lens == 0)[:, None, None, None], 0.0)
+    out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out.view(batch, num_heads, head_dim).to(q.dtype)
 
 

@@ -306,6 +306,22 @@ def test_reference_attention_chunks_agree_with_one_pass(monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
+def test_one_gather_plan_serves_every_layer_of_a_step(monkeypatch):
+    """The model builds the plan once per step and passes it to each layer's attention."""
+    monkeypatch.setattr(pa, "_REF_GATHER_BYTES", 1)  # several chunks in the plan
+    case = make_attention_case([13, 1, 0, 20], seed=10)
+    q, k, v, tables, lens = case["args"]
+    plan = pa.decode_gather_plan(k, tables, lens)
+    assert plan is not None and len(plan.chunks) == 4
+    other = make_attention_case([13, 1, 0, 20], seed=11)["args"]  # another layer, same tables
+    for layer_k, layer_v in ((k, v), (other[1], other[2])):
+        alone = paged_decode_attention(q, layer_k, layer_v, tables, lens, case["scale"])
+        shared = paged_decode_attention(q, layer_k, layer_v, tables, lens, case["scale"], plan)
+        assert torch.equal(shared, alone)
+    monkeypatch.setenv("DISAGG_KERNELS", "triton")  # the kernel walks the tables itself
+    assert pa.decode_gather_plan(k, tables, lens) is None
+
+
 def test_reference_attention_empty_context_is_zero():
     case = make_attention_case([0, 5], seed=9)
     out = paged_decode_attention_ref(*case["args"], case["scale"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disagg.kernels.paged_attention import paged_decode_attention
+from disagg.kernels.paged_attention import GatherPlan, decode_gather_plan, paged_decode_attention
 from disagg.shared.engine.kv_cache import KVCache
 from disagg.shared.model.args import ModelArgs, RopeArgs
 from disagg.shared.model.batch import ForwardBatch, PrefillSegment
@@ -121,6 +121,7 @@ class Attention(nn.Module):
         batch: ForwardBatch,
         kv_layer: torch.Tensor,
         after_kv_write: Callable[[], None] | None,
+        plan: GatherPlan | None = None,
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
@@ -147,6 +148,7 @@ class Attention(nn.Module):
                 batch.decode_block_tables,
                 batch.decode_context_lens,
                 self.scale,
+                plan,
             )
         return self.o_proj(out.view(tokens, self.num_heads * self.head_dim))
 
@@ -218,8 +220,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, h, rope, batch, kv_layer, after_kv_write) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, batch, kv_layer, after_kv_write)
+    def forward(self, h, rope, batch, kv_layer, after_kv_write, plan=None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(h), rope, batch, kv_layer, after_kv_write, plan)
+        h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -246,9 +249,13 @@ class Transformer(nn.Module):
         """
         h = self.embed_tokens(batch.input_ids)  # [tokens, hidden]
         rope = self._rope_tables(batch.positions, h.dtype)
+        plan = None  # where the decodes' K/V rows are: the same in every layer
+        if batch.num_decodes:
+            tables, lens = batch.decode_block_tables, batch.decode_context_lens
+            plan = decode_gather_plan(kv_cache.layer(0)[0], tables, lens)
         for i, layer in enumerate(self.layers):
             hook = None if layer_hook is None else (lambda i=i: layer_hook(i))
-            h = layer(h, rope, batch, kv_cache.layer(i), hook)
+            h = layer(h, rope, batch, kv_cache.layer(i), hook, plan)
         h = self.norm(h.index_select(0, batch.logits_indices))
         return self.lm_head(h).float()
 
